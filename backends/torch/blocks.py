@@ -1,0 +1,123 @@
+"""The two functions a reversible layer couples: F (causal self-attention) and G (feed-forward).
+
+Both are pre-norm and map a stream (B, T, d) to a function output (B, T, out_features); the coupling decides
+out_features (d for additive, 2d for affine). Neither touches a stream in place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Pinned in both passes so the recompute runs the very kernel the forward ran (bit-identical outputs).
+FUSED_SDPA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+MATH_SDPA = [SDPBackend.MATH]
+
+
+def make_norm(kind: str, d: int, eps: float) -> nn.Module:
+    if kind == "rmsnorm":
+        return nn.RMSNorm(d, eps=eps)
+    return nn.LayerNorm(d, eps=eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position angles, fp32, computed per sequence length and shared by every layer."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.base = base
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (T, device)
+        if key not in self._cache:
+            self._cache.clear()  # one length at a time: at 1M tokens a table is 128 MiB
+            inv = self.base ** (-torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+            ang = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)  # (T, hd/2)
+            self._cache[key] = (ang.cos(), ang.sin())
+        return self._cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate (B, H, T, hd) pairs (x[2i], x[2i+1]) by position; math in fp32, result in x's dtype."""
+        cos, sin = self.cos_sin(x.shape[-2], x.device)
+        xf = x.float().unflatten(-1, (-1, 2))  # (B, H, T, hd/2, 2)
+        a, b = xf[..., 0], xf[..., 1]
+        out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+        return out.flatten(-2).to(x.dtype)
+
+
+def reference_attention(q, k, v, dropout_p: float = 0.0, training: bool = False):
+    """Plain causal attention, (B, H, T, hd) -> (B, H, T, hd): the ground truth the kernels are tested on."""
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    if dropout_p and training:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v
+
+
+class AttentionBlock(nn.Module):
+    """F(x) = proj(attention(rope(q), rope(k), v)) over norm(x). (B, T, d) -> (B, T, out_features)."""
+
+    def __init__(self, d_model, num_heads, out_features, rotary: Rotary, *, norm="layernorm", eps=1e-5,
+                 attention="sdpa", use_flash_attention=True, attention_dropout=0.0, dropout=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = make_norm(norm, d_model, eps)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, out_features, bias=False)
+        self.rotary = [rotary]  # a list so the shared module is not registered once per layer
+        self.attention = attention
+        self.sdpa_backends = FUSED_SDPA if use_flash_attention else MATH_SDPA
+        self.attention_dropout = attention_dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        qkv = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+        rope = self.rotary[0]
+        q, k = rope(q), rope(k)
+        p = self.attention_dropout if self.training else 0.0
+        if self.attention == "reference":
+            o = reference_attention(q, k, v, p, self.training)
+        else:
+            with sdpa_kernel(self.sdpa_backends, set_priority=True):
+                o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        o = o.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
+        return self.drop(self.proj(o))
+
+
+def activate(kind: str, u: torch.Tensor) -> torch.Tensor:
+    if kind in ("geglu", "swiglu"):
+        a, b = u.chunk(2, dim=-1)
+        return (F.gelu(a, approximate="tanh") if kind == "geglu" else F.silu(a)) * b
+    if kind == "gelu":
+        return F.gelu(u, approximate="tanh")
+    if kind == "gelu_exact":
+        return F.gelu(u)
+    if kind == "relu":
+        return F.relu(u)
+    return F.silu(u)
+
+
+class FeedForwardBlock(nn.Module):
+    """G(x) = down(act(up(norm(x)))); gated activations double ``up``. (B, T, d) -> (B, T, out_features)."""
+
+    def __init__(self, d_model, d_ff, out_features, *, activation="gelu", norm="layernorm", eps=1e-5, dropout=0.0):
+        super().__init__()
+        gated = activation in ("geglu", "swiglu")
+        self.activation = activation
+        self.norm = make_norm(norm, d_model, eps)
+        self.up = nn.Linear(d_model, (2 if gated else 1) * d_ff, bias=False)
+        self.down = nn.Linear(d_ff, out_features, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(activate(self.activation, self.up(self.norm(x)))))

@@ -1,0 +1,200 @@
+"""The torch driver of the core's reversible sweep: one autograd node per layer.
+
+Each ``reverse`` layer is a ``torch.autograd.Function`` whose inputs are its two streams and its parameters.
+It saves nothing: its backward takes the layer's outputs from the segment it belongs to, rebuilds the
+inputs with ``revnet_core.sweep.backward_step``, returns the parameters' gradients (so autograd accumulates
+each one once: DDP and gradient accumulation see an ordinary backward) and leaves the rebuilt inputs as the
+outputs of the layer below. Only the top outputs of a run of reverse layers are held after the forward.
+
+The recompute replays what the forward saw: the autocast state and dtype, and the CPU/CUDA RNG state
+before each block when the model draws random numbers (dropout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+from revnet_core.errors import ReversibilityError
+from revnet_core.sweep import LayerSpec, backward_step, forward_step
+
+from .layers import ReversibleLayer
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """The autocast settings of one device type, to be replayed in the backward."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def capture(cls, device_type: str) -> "AutocastState":
+        return cls(device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+    def replay(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+def capture_rng(device: torch.device):
+    """(cpu_state, device_state) to replay a block's random draws."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def replay_rng(state, device: torch.device):
+    """Run with the RNG as it was at ``capture_rng``; the global RNG is restored afterwards."""
+    if state is None:
+        yield
+        return
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type=device.type):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+class _Block:
+    """A block as the core sees it: callable in the forward (recording RNG), differentiable in the backward."""
+
+    def __init__(self, module: torch.nn.Module, autocast: AutocastState, record_rng: bool):
+        self.module = module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.autocast = autocast
+        self.record_rng = record_rng
+        self.rng = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.record_rng:
+            self.rng = capture_rng(x.device)
+        return self.module(x)
+
+    def vjp(self, x: torch.Tensor):
+        """(block(x), pullback) with the forward's autocast and RNG replayed; pullback(ct) -> (dx, dparams)."""
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad(), self.autocast.replay(), replay_rng(self.rng, x.device):
+            out = self.module(xg)
+
+        def pullback(ct: torch.Tensor):
+            grads = torch.autograd.grad(out, [xg, *self.params], ct.to(out.dtype), allow_unused=True)
+            return grads[0], list(grads[1:])
+
+        return out.detach(), pullback
+
+
+def _vjp(block: _Block, x: torch.Tensor):
+    return block.vjp(x)
+
+
+def _coupling_autodiff(coupling, x, fx, dy):
+    """(dx, dfx) of a coupling that brings no vjp rule of its own, by torch autograd."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        fg = fx.detach().requires_grad_(True)
+        return torch.autograd.grad(coupling.forward(xg, fg), (xg, fg), dy)
+
+
+class Segment:
+    """A run of consecutive ``reverse`` layers of one forward pass: holds the outputs of the layer whose
+    backward runs next (the top layer's after the forward, then each rebuilt input in turn)."""
+
+    def __init__(self):
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.owner: int | None = None  # index of the layer that produced ``outputs``
+
+
+class _ReverseLayerFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x1, x2, run: "_LayerRun", *params):
+        ctx.run = run
+        return run.forward(x1, x2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy1, dy2):
+        dx1, dx2, dparams = ctx.run.backward(dy1, dy2)
+        return dx1, dx2, None, *dparams
+
+
+class _LayerRun:
+    """What one reverse layer remembers between its forward and backward: no tensors but RNG states."""
+
+    def __init__(self, layer: ReversibleLayer, index: int, segment: Segment, bottom: bool, record_rng: bool,
+                 autocast: AutocastState):
+        spec = layer.spec()
+        self.f = _Block(spec.f, autocast, record_rng)
+        self.g = _Block(spec.g, autocast, record_rng)
+        self.spec = LayerSpec(self.f, self.g, spec.cf, spec.cg)
+        self.index = index
+        self.segment = segment
+        self.bottom = bottom
+        self.params = self.f.params + self.g.params
+
+    def forward(self, x1, x2):
+        y1, y2 = forward_step(x1, x2, self.spec)
+        self.segment.outputs = (y1.detach(), y2.detach())  # detached: no cycle through our own graph node
+        self.segment.owner = self.index
+        return y1, y2
+
+    def backward(self, dy1, dy2):
+        seg = self.segment
+        if seg.outputs is None or seg.owner != self.index:
+            raise ReversibilityError(
+                "a reversible layer's backward ran twice or out of order: the backward rebuilds each layer's "
+                "inputs once from its outputs and consumes them, so retain_graph=True, double backward and "
+                "partial backward are not supported; run the forward again instead"
+            )
+        y1, y2 = seg.outputs
+        seg.outputs = None
+        with torch.no_grad():
+            x1, x2, dx1, dx2, dpf, dpg = backward_step(y1, y2, dy1, dy2, self.spec, _vjp, _coupling_autodiff)
+        if not self.bottom:
+            seg.outputs, seg.owner = (x1, x2), self.index - 1
+        return dx1, dx2, dpf + dpg
+
+
+def needs_rng(module: torch.nn.Module) -> bool:
+    """Whether the module draws random numbers in this mode (then the recompute must replay them)."""
+    if not module.training:
+        return False
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            return True
+        if getattr(m, "attention_dropout", 0.0) > 0:
+            return True
+    return False
+
+
+def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: torch.Tensor, x2: torch.Tensor):
+    """Run the stack: (x1, x2) -> (y1, y2), each (B, T, d), one policy per layer.
+
+    reverse: no activations kept (rebuilt from outputs); store: plain autograd; checkpoint: keeps the
+    layer's inputs and recomputes it (torch.utils.checkpoint, which replays autocast and RNG itself).
+    """
+    grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or any(
+        p.requires_grad for layer in layers for p in layer.parameters()))
+    autocast = AutocastState.capture(x1.device.type)
+    segment = None
+    for i, (layer, policy) in enumerate(zip(layers, policies)):
+        if policy == "reverse" and grad:
+            if segment is None:
+                segment, bottom = Segment(), True
+            else:
+                bottom = False
+            run = _LayerRun(layer, i, segment, bottom, needs_rng(layer), autocast)
+            x1, x2 = _ReverseLayerFn.apply(x1, x2, run, *run.params)
+            continue
+        segment = None
+        if policy == "checkpoint" and grad:
+            x1, x2 = checkpoint(layer, x1, x2, use_reentrant=False)
+        else:
+            x1, x2 = layer(x1, x2)
+    return x1, x2

@@ -1,0 +1,109 @@
+"""Reversible half-layers (attention, FFN) and the layer that couples them.
+
+``ReversibleAttention`` and ``ReversibleFFN`` each own a block and a coupling::
+
+    hidden_states, coupling_output = half(hidden_states, other)   # coupling(other, block(hidden_states))
+
+``ReversibleLayer`` chains them over two streams: y1 = cf(x1, F(x2)); y2 = cg(x2, G(y1)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from revnet_core.build import resolve_coupling
+from revnet_core.config import ModelConfig
+from revnet_core.couplings import BaseCoupling
+from revnet_core.registry import get_coupling
+from revnet_core.sweep import LayerSpec, forward_step, inverse_step
+
+from .blocks import AttentionBlock, FeedForwardBlock, Rotary
+
+
+def as_coupling(coupling) -> BaseCoupling:
+    """A coupling instance from an instance, a registered name, or an enum whose value is a name."""
+    if isinstance(coupling, BaseCoupling):
+        return coupling
+    return get_coupling(getattr(coupling, "value", coupling))
+
+
+class _CoupledHalf(nn.Module):
+    block: nn.Module
+
+    def __init__(self, coupling):
+        super().__init__()
+        self.coupling = as_coupling(coupling)
+
+    def forward(self, hidden_states: torch.Tensor, other: torch.Tensor | None = None):
+        """(B, T, d) -> (hidden_states, coupling(other, block(hidden_states))); ``other`` defaults to the input."""
+        other = hidden_states if other is None else other
+        return hidden_states, self.coupling.forward(other, self.block(hidden_states))
+
+    def inverse(self, hidden_states: torch.Tensor, coupling_output: torch.Tensor) -> torch.Tensor:
+        """The ``other`` stream rebuilt from the coupling output."""
+        return self.coupling.inverse(coupling_output, self.block(hidden_states))
+
+
+class ReversibleAttention(_CoupledHalf):
+    """Causal self-attention coupled into a stream (RoPE positions, SDPA kernels)."""
+
+    def __init__(self, d_model: int, num_heads: int, coupling="additive", *, attention_dropout: float = 0.0,
+                 dropout: float = 0.0, norm: str = "layernorm", norm_eps: float = 1e-5, attention: str = "sdpa",
+                 use_flash_attention: bool = True, rope_base: float = 10000.0, rotary: Rotary | None = None):
+        super().__init__(coupling)
+        if d_model % num_heads:
+            raise ValueError(f"{d_model=} must be divisible by {num_heads=}")
+        rotary = rotary if rotary is not None else Rotary(d_model // num_heads, rope_base)
+        self.block = AttentionBlock(
+            d_model, num_heads, self.coupling.fx_features(d_model), rotary, norm=norm, eps=norm_eps,
+            attention=attention, use_flash_attention=use_flash_attention, attention_dropout=attention_dropout,
+            dropout=dropout,
+        )
+
+
+class ReversibleFFN(_CoupledHalf):
+    """A feed-forward block (GELU, GeGLU, SwiGLU, ...) coupled into a stream."""
+
+    def __init__(self, d_model: int, d_ff: int, coupling_fn="additive", *, activation: str = "gelu",
+                 use_geglu: bool = False, dropout: float = 0.0, norm: str = "layernorm", norm_eps: float = 1e-5):
+        super().__init__(coupling_fn)
+        if use_geglu:
+            activation = "geglu"
+        self.block = FeedForwardBlock(
+            d_model, d_ff, self.coupling.fx_features(d_model), activation=activation, norm=norm, eps=norm_eps,
+            dropout=dropout,
+        )
+
+
+class ReversibleLayer(nn.Module):
+    """One reversible transformer layer over two streams (B, T, d) each."""
+
+    def __init__(self, attn: ReversibleAttention, ffn: ReversibleFFN):
+        super().__init__()
+        self.attn = attn
+        self.ffn = ffn
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, rotary: Rotary) -> "ReversibleLayer":
+        attn = ReversibleAttention(
+            cfg.d_model, cfg.num_heads, resolve_coupling(cfg), attention_dropout=cfg.attention_dropout,
+            dropout=cfg.dropout, norm=cfg.norm, norm_eps=cfg.norm_eps, attention=cfg.attention,
+            use_flash_attention=cfg.use_flash_attention, rotary=rotary,
+        )
+        ffn = ReversibleFFN(
+            cfg.d_model, cfg.ffn_dim, resolve_coupling(cfg), activation=cfg.activation, dropout=cfg.dropout,
+            norm=cfg.norm, norm_eps=cfg.norm_eps,
+        )
+        return cls(attn, ffn)
+
+    def spec(self) -> LayerSpec:
+        return LayerSpec(self.attn.block, self.ffn.block, self.attn.coupling, self.ffn.coupling)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        """Plain autograd through the layer (the ``store`` policy)."""
+        return forward_step(x1, x2, self.spec())
+
+    def inverse(self, y1: torch.Tensor, y2: torch.Tensor):
+        """The layer's inputs rebuilt from its outputs."""
+        return inverse_step(y1, y2, self.spec())

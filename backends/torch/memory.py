@@ -1,0 +1,53 @@
+"""Device-independent memory accounting: what a forward leaves alive for the backward.
+
+``saved_tensor_bytes`` sees what autograd saves (``saved_tensors_hooks``); ``live_tensor_bytes`` sees every
+tensor reachable by the garbage collector, which includes tensors stashed on ``ctx`` or in Python lists that
+the hooks cannot see. Storages are counted once however many views point at them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Iterable
+
+import torch
+
+
+def _storage_key(t: torch.Tensor):
+    s = t.untyped_storage()
+    return (t.device, s.data_ptr()), s.nbytes()
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()):
+    """Count bytes of distinct storages autograd saves inside the block; yields a dict filled on exit
+    as ``{"bytes": int, "count": int}``. Storages of ``exclude`` (e.g. parameters) are not counted."""
+    skip = {_storage_key(t)[0] for t in exclude}
+    seen: dict = {}
+    result = {"bytes": 0, "count": 0}
+
+    def pack(t):
+        if t.numel():
+            key, nbytes = _storage_key(t)
+            if key not in skip:
+                seen[key] = nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+    result["bytes"] = sum(seen.values())
+    result["count"] = len(seen)
+
+
+def live_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of distinct storages of every tensor the garbage collector can reach, minus ``exclude``."""
+    gc.collect()
+    skip = {_storage_key(t)[0] for t in exclude}
+    seen: dict = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and type(obj) is not torch.nn.Parameter and obj.numel():
+            key, nbytes = _storage_key(obj)
+            if key not in skip:
+                seen[key] = nbytes
+    return sum(seen.values())

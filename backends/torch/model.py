@@ -1,0 +1,146 @@
+"""ReversibleTransformer: a causal decoder LM whose layers rebuild their inputs in the backward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from revnet_core.config import POLICIES, ModelConfig
+from revnet_core.errors import ConfigError, InputError
+
+from .blocks import Rotary, make_norm
+from .engine import run_layers
+from .layers import ReversibleLayer
+from .loss import IGNORE_INDEX, chunked_lm_loss, shift_targets
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelOutput:
+    """loss: scalar fp32 (None without targets); logits: (B, T, V) only if asked; last_hidden_state: (B, T, d)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class ReversibleTransformer(nn.Module):
+    """Token embedding, reversible layers over two fp32 streams (both start from the embedding), the mean of
+    the streams through a final norm, and an untied LM head.
+
+    ``ReversibleTransformer(num_layers=24, d_model=1024, num_heads=16, max_seq_len=262144)`` or
+    ``ReversibleTransformer(config)``; every field of ``revnet_core.ModelConfig`` is accepted.
+    """
+
+    def __init__(self, config: ModelConfig | None = None, **fields):
+        super().__init__()
+        if config is None:
+            config = ModelConfig.from_kwargs(**fields)
+        elif fields:
+            config = config.replace(**fields)
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.rotary = Rotary(config.head_dim, config.rope_base)
+        self.layers = nn.ModuleList(ReversibleLayer.from_config(config, self.rotary) for _ in range(config.num_layers))
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.policies: list[str] = [config.policy] * config.num_layers
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            # GPT-2: projections into a stream scaled down with depth (2 couplings per layer).
+            scale = (2 * self.config.num_layers) ** -0.5 if name.endswith(("proj.weight", "down.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    # --- policies -------------------------------------------------------------------------------------
+    def set_policy(self, policy: str | Sequence[str]) -> None:
+        """One policy for every layer, or a list with one per layer: reverse | store | checkpoint."""
+        policies = [policy] * len(self.layers) if isinstance(policy, str) else list(policy)
+        if len(policies) != len(self.layers):
+            raise ConfigError(f"got {len(policies)} policies for {len(self.layers)} layers")
+        for p in policies:
+            if p not in POLICIES:
+                raise ConfigError(f"policy={p!r} is not one of {list(POLICIES)}")
+        self.policies = policies
+
+    def compile_blocks(self, **options) -> "ReversibleTransformer":
+        """``torch.compile`` every attention and FFN block in place; the sweep itself stays eager."""
+        for layer in self.layers:
+            layer.attn.block.compile(**options)
+            layer.ffn.block.compile(**options)
+        return self
+
+    # --- forward --------------------------------------------------------------------------------------
+    def _check_ids(self, ids: torch.Tensor, what: str) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            raise InputError(f"{what} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise InputError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise InputError(f"{what} must have shape (batch, seq) or (seq,), got {tuple(ids.shape)}")
+        T = ids.shape[1]
+        if T == 0:
+            raise InputError(f"{what} is empty: need at least one token")
+        if T > self.config.max_seq_len:
+            raise InputError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        return ids
+
+    def _check_range(self, ids: torch.Tensor, what: str, allow_ignore: bool = False) -> None:
+        real = ids[ids != IGNORE_INDEX] if allow_ignore else ids
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.vocab_size):
+            raise InputError(
+                f"{what} out of range: ids must lie in [0, {self.config.vocab_size}), got "
+                f"[{int(real.min())}, {int(real.max())}]"
+            )
+
+    def streams(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both streams start from the embedding: (B, T) ids -> two (B, T, d) tensors in the stream dtype."""
+        x = self.embed(input_ids)
+        dtype = torch.promote_types(x.dtype, _DTYPES[self.config.stream_dtype])
+        x = x.to(dtype)
+        return x, x
+
+    def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (B, T, d) of validated ids."""
+        x1, x2 = self.streams(input_ids)
+        y1, y2 = run_layers(self.layers, self.policies, x1, x2)
+        return self.norm((y1 + y2) * 0.5)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, return_logits: bool = False,
+                compute_loss: bool = True) -> ModelOutput:
+        """Next-token LM. input_ids (B, T) or (T,) int; labels like input_ids (default: input_ids), shifted here.
+
+        The loss is computed over sequence chunks; logits (B, T, V) are materialised only with return_logits.
+        """
+        input_ids = self._check_ids(input_ids, "input_ids")
+        self._check_range(input_ids, "input_ids")
+        if labels is not None:
+            labels = self._check_ids(labels, "labels")
+            if labels.shape != input_ids.shape:
+                raise InputError(f"labels shape {tuple(labels.shape)} must match input_ids shape {tuple(input_ids.shape)}")
+            self._check_range(labels, "labels", allow_ignore=True)
+        h = self.hidden(input_ids)
+        loss = None
+        if compute_loss:
+            if input_ids.shape[1] < 2 and labels is None:
+                raise InputError("next-token loss needs at least 2 tokens (or pass compute_loss=False)")
+            targets = shift_targets(input_ids if labels is None else labels.to(torch.int64))
+            loss = chunked_lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size)
+        logits = self.head(h) if return_logits else None
+        return ModelOutput(loss=loss, logits=logits, last_hidden_state=h)
+
+    def save_weights(self, path) -> None:
+        """Write the canonical safetensors file any backend can load (see ``revnet_core.build(weights=...)``)."""
+        from .weights import save_weights
+
+        save_weights(self, path)

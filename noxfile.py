@@ -1,0 +1,24 @@
+"""The test matrix: one session per backend, plus the framework-free core.
+
+Sessions run in the interpreter that ran the README's install command (``venv_backend="none"``): a fresh
+virtualenv per session would reinstall torch each time, and torch must come from the pinned CPU wheel
+(``pip install torch==2.13.0``) before anything asks for a looser version. pytest's exit code 5 (no tests
+collected) fails a session like any other non-zero code.
+"""
+
+import nox
+
+nox.options.default_venv_backend = "none"
+nox.options.sessions = ["core", "torch"]
+
+
+@nox.session
+def core(session):
+    """revnet_core alone: couplings, config, registry; proves the core imports no framework."""
+    session.run("python", "-m", "pytest", "tests/core", *session.posargs)
+
+
+@nox.session
+def torch(session):
+    """The PyTorch backend: engine gradients, memory accounting, model, errors."""
+    session.run("python", "-m", "pytest", "tests/torch", *session.posargs)
