@@ -39,6 +39,7 @@ class ModelConfig:
     stream_dtype: str = "float32"  # the two residual streams; never below the parameters' dtype
     policy: str = "reverse"  # per-layer default: reverse | store | checkpoint
     loss_chunk_size: int = 1024  # tokens per chunk of the LM head: bounds the logits held at once
+    ffn_chunk_size: int = 16384  # tokens per chunk of the FFN (0: whole sequence): bounds its 4x-wide intermediate
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -84,6 +85,8 @@ def validate(cfg: ModelConfig) -> None:
     """Raise ConfigError naming the first bad field and why."""
     for name in ("num_layers", "d_model", "num_heads", "vocab_size", "max_seq_len", "loss_chunk_size"):
         _positive_int(cfg, name)
+    if isinstance(cfg.ffn_chunk_size, bool) or not isinstance(cfg.ffn_chunk_size, int) or cfg.ffn_chunk_size < 0:
+        raise ConfigError(f"ffn_chunk_size={cfg.ffn_chunk_size!r} must be a non-negative integer (0: no chunks)")
     if cfg.d_ff is not None:
         _positive_int(cfg, "d_ff")
     if cfg.d_model % cfg.num_heads:

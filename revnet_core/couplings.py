@@ -30,6 +30,10 @@ class BaseCoupling:
     def inverse(self, y, fx):
         raise NotImplementedError
 
+    def inverse_(self, y, fx):
+        """``inverse`` allowed to reuse y's memory (the engine calls it only on arrays it owns)."""
+        return self.inverse(y, fx)
+
     def vjp(self, x, fx, dy):
         """Cotangents ``(dx, dfx)`` of ``forward`` at ``(x, fx)``; NotImplemented asks the backend's autodiff."""
         return NotImplemented
@@ -48,6 +52,10 @@ class AdditiveCoupling(BaseCoupling):
 
     def inverse(self, y, fx):
         return y - fx
+
+    def inverse_(self, y, fx):
+        y -= fx  # same rounding as y - fx, without a new stream-sized array where arrays are mutable
+        return y
 
     def vjp(self, x, fx, dy):
         return dy, dy
@@ -92,6 +100,12 @@ class AffineCoupling(BaseCoupling):
     def inverse(self, y, fx):
         s, t = self._scale_shift(fx)
         return (y - t) / s
+
+    def inverse_(self, y, fx):
+        s, t = self._scale_shift(fx)
+        y -= t
+        y /= s
+        return y
 
     def vjp(self, x, fx, dy):
         xp = array_namespace(fx)

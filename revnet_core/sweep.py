@@ -56,23 +56,54 @@ def coupling_vjp(coupling: BaseCoupling, x, fx, dy, vjp_fn):
     return vjp_fn(coupling, x, fx, dy)
 
 
-def backward_step(y1, y2, dy1, dy2, layer: LayerSpec, vjp: Vjp, coupling_autodiff=None):
+def _defining_class(cls: type, name: str) -> type | None:
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
+
+
+def invert(coupling: BaseCoupling, y, fx, overwrite: bool):
+    """``coupling.inverse``, or its in-place twin when allowed and written by the same class: a subclass
+    that overrides only ``inverse`` must not silently get its parent's ``inverse_``."""
+    cls = type(coupling)
+    if overwrite and _defining_class(cls, "inverse_") is _defining_class(cls, "inverse"):
+        return coupling.inverse_(y, fx)
+    return coupling.inverse(y, fx)
+
+
+def half_backward(block, coupling: BaseCoupling, u, y, dy, vjp: Vjp, coupling_autodiff=None, overwrite=False):
+    """Undo ``y = coupling(x, block(u))`` given the block input u, the output y and its cotangent dy.
+
+    Returns (x, dx, du, dparams): the rebuilt stream, its cotangent, the cotangent reaching u through the
+    block, and the block's parameter cotangents. With ``overwrite`` the caller owns y and dy and lets them
+    be reused for x and dx (in place where the array type allows it).
+    """
+    bu, pull = vjp(block, u)
+    x = invert(coupling, y, bu, overwrite)
+    dx, dbu = coupling_vjp(coupling, x, bu, dy, coupling_autodiff)
+    du, dparams = pull(dbu)
+    return x, dx, du, dparams
+
+
+def _accumulate(a, b, overwrite: bool):
+    if overwrite:
+        a += b  # in place for mutable arrays (torch, numpy); a plain rebinding for immutable ones (jax)
+        return a
+    return a + b
+
+
+def backward_step(y1, y2, dy1, dy2, layer: LayerSpec, vjp: Vjp, coupling_autodiff=None, *, overwrite=False,
+                  g_half=half_backward):
     """One layer of the reversible backward.
 
-    Args: the layer's outputs (y1, y2) and their cotangents (dy1, dy2), all (..., d).
+    Args: the layer's outputs (y1, y2) and their cotangents (dy1, dy2), all (..., d). ``overwrite``: the
+    caller owns all four and lets the step reuse their memory. ``g_half``: how to run the G half (a backend
+    may run it over sequence chunks, since G and the couplings act token by token).
     Returns: (x1, x2, dx1, dx2, dparams_f, dparams_g): the rebuilt inputs, their cotangents, and the
     blocks' parameter cotangents in whatever structure the backend's pullback returns.
     """
     # Undo G first: y2 = cg(x2, G(y1)) and y1 is known.
-    gy, g_pull = vjp(layer.g, y1)
-    x2 = layer.cg.inverse(y2, gy)
-    dx2, dgy = coupling_vjp(layer.cg, x2, gy, dy2, coupling_autodiff)
-    dy1_from_g, dparams_g = g_pull(dgy)
-    dz1 = dy1 + dy1_from_g
-    del gy, g_pull, dgy, dy1_from_g
+    x2, dx2, dy1_from_g, dparams_g = g_half(layer.g, layer.cg, y1, y2, dy2, vjp, coupling_autodiff, overwrite)
+    dz1 = _accumulate(dy1, dy1_from_g, overwrite)
+    del dy1_from_g
     # Then F: y1 = cf(x1, F(x2)) and x2 is now known.
-    fx, f_pull = vjp(layer.f, x2)
-    x1 = layer.cf.inverse(y1, fx)
-    dx1, dfx = coupling_vjp(layer.cf, x1, fx, dz1, coupling_autodiff)
-    dx2_from_f, dparams_f = f_pull(dfx)
-    return x1, x2, dx1, dx2 + dx2_from_f, dparams_f, dparams_g
+    x1, dx1, dx2_from_f, dparams_f = half_backward(layer.f, layer.cf, x2, y1, dz1, vjp, coupling_autodiff, overwrite)
+    return x1, x2, dx1, _accumulate(dx2, dx2_from_f, overwrite), dparams_f, dparams_g

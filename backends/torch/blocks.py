@@ -108,10 +108,19 @@ def activate(kind: str, u: torch.Tensor) -> torch.Tensor:
 
 
 class FeedForwardBlock(nn.Module):
-    """G(x) = down(act(up(norm(x)))); gated activations double ``up``. (B, T, d) -> (B, T, out_features)."""
+    """G(x) = down(act(up(norm(x)))); gated activations double ``up``. (B, T, d) -> (B, T, out_features).
 
-    def __init__(self, d_model, d_ff, out_features, *, activation="gelu", norm="layernorm", eps=1e-5, dropout=0.0):
+    Acts token by token, so it runs over sequence chunks of ``chunk_size`` tokens (0: whole sequence): the
+    (T, d_ff) intermediate never exists for the whole sequence. The reversible engine's backward walks the
+    very same chunks, so every policy computes the same function, dropout draws included.
+    """
+
+    tokenwise = True
+
+    def __init__(self, d_model, d_ff, out_features, *, activation="gelu", norm="layernorm", eps=1e-5, dropout=0.0,
+                 chunk_size: int = 0):
         super().__init__()
+        self.chunk_size = chunk_size
         gated = activation in ("geglu", "swiglu")
         self.activation = activation
         self.norm = make_norm(norm, d_model, eps)
@@ -119,5 +128,16 @@ class FeedForwardBlock(nn.Module):
         self.down = nn.Linear(d_ff, out_features, bias=False)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def chunks(self, T: int) -> list[tuple]:
+        """Index tuples selecting each chunk of a (..., T, d) tensor, in order."""
+        step = self.chunk_size if 0 < self.chunk_size < T else T
+        return [(..., slice(s, min(s + step, T)), slice(None)) for s in range(0, T, step)]
+
+    def _transform(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.down(activate(self.activation, self.up(self.norm(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.chunks(x.shape[-2])
+        if len(parts) == 1:
+            return self._transform(x)
+        return torch.cat([self._transform(x[sl]) for sl in parts], dim=-2)

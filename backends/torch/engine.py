@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from revnet_core.errors import ReversibilityError
-from revnet_core.sweep import LayerSpec, backward_step, forward_step
+from revnet_core.sweep import LayerSpec, backward_step, forward_step, half_backward
 
 from .layers import ReversibleLayer
 
@@ -72,15 +72,22 @@ class _Block:
         self.record_rng = record_rng
         self.rng = None
 
+    def chunks(self, T: int) -> list[tuple]:
+        """The sequence chunks a token-wise block runs over (its own ``chunks``), else the whole sequence."""
+        if getattr(self.module, "tokenwise", False):
+            return self.module.chunks(T)
+        return [(..., slice(0, T), slice(None))]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.record_rng:
             self.rng = capture_rng(x.device)
         return self.module(x)
 
-    def vjp(self, x: torch.Tensor):
-        """(block(x), pullback) with the forward's autocast and RNG replayed; pullback(ct) -> (dx, dparams)."""
+    def vjp(self, x: torch.Tensor, replay: bool = True):
+        """(block(x), pullback) with the forward's autocast (and RNG, if ``replay``) replayed;
+        pullback(ct) -> (dx, dparams)."""
         xg = x.detach().requires_grad_(True)
-        with torch.enable_grad(), self.autocast.replay(), replay_rng(self.rng, x.device):
+        with torch.enable_grad(), self.autocast.replay(), replay_rng(self.rng if replay else None, x.device):
             out = self.module(xg)
 
         def pullback(ct: torch.Tensor):
@@ -94,6 +101,10 @@ def _vjp(block: _Block, x: torch.Tensor):
     return block.vjp(x)
 
 
+def _vjp_no_replay(block: _Block, x: torch.Tensor):
+    return block.vjp(x, replay=False)
+
+
 def _coupling_autodiff(coupling, x, fx, dy):
     """(dx, dfx) of a coupling that brings no vjp rule of its own, by torch autograd."""
     with torch.enable_grad():
@@ -102,13 +113,57 @@ def _coupling_autodiff(coupling, x, fx, dy):
         return torch.autograd.grad(coupling.forward(xg, fg), (xg, fg), dy)
 
 
+def _add_grads(total, part):
+    if total is None:
+        return part
+    return [a if b is None else (b if a is None else a.add_(b)) for a, b in zip(total, part)]
+
+
+def chunked_half(block: _Block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite: bool):
+    """``revnet_core.sweep.half_backward`` over the block's sequence chunks, in the forward's order.
+
+    Valid because the block and the coupling act token by token; each chunk's graph is freed before the
+    next is built, and the chunks are the block's own, so the recompute is bit-identical. Requires
+    ``overwrite`` (the engine owns y and dy): rebuilt streams and cotangents go back into their memory.
+    """
+    parts = block.chunks(u.shape[-2])
+    if len(parts) == 1:
+        return half_backward(block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite)
+    assert overwrite, "chunked_half writes into y and dy, so the engine must own them"
+    du = torch.empty_like(u)
+    dparams = None
+    with replay_rng(block.rng, u.device):  # one replay: the chunks draw in the forward's order
+        for sl in parts:
+            y_c, dy_c = y[sl], dy[sl]
+            x_c, dx_c, du_c, dp_c = half_backward(block, coupling, u[sl], y_c, dy_c, _vjp_no_replay,
+                                                  coupling_autodiff, True)
+            if x_c.data_ptr() != y_c.data_ptr():
+                y_c.copy_(x_c)
+            if dx_c.data_ptr() != dy_c.data_ptr():
+                dy_c.copy_(dx_c)
+            du[sl] = du_c
+            dparams = _add_grads(dparams, dp_c)
+    return y, dy, du, dparams
+
+
 class Segment:
     """A run of consecutive ``reverse`` layers of one forward pass: holds the outputs of the layer whose
-    backward runs next (the top layer's after the forward, then each rebuilt input in turn)."""
+    backward runs next (the top layer's after the forward, then each rebuilt input in turn).
+
+    It also tracks which buffers the engine owns, so the backward can rebuild streams and accumulate
+    cotangents in place: the rebuilt inputs and the cotangents it hands down are its own; the top outputs
+    are its own only when the caller says nothing else keeps them (``private_outputs``).
+    """
 
     def __init__(self):
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.owner: int | None = None  # index of the layer that produced ``outputs``
+        self.outputs_owned = False
+        self.handed_down: tuple[int, int] | None = None  # data pointers of the cotangents we returned
+
+    def owned_grads(self, dy1: torch.Tensor, dy2: torch.Tensor) -> bool:
+        ptrs = (dy1.data_ptr(), dy2.data_ptr())
+        return ptrs == self.handed_down and ptrs[0] != ptrs[1]
 
 
 class _ReverseLayerFn(torch.autograd.Function):
@@ -154,10 +209,17 @@ class _LayerRun:
             )
         y1, y2 = seg.outputs
         seg.outputs = None
+        if not seg.outputs_owned:  # someone else may still read them: work on copies
+            y1, y2 = y1.clone(), y2.clone()
+        if not seg.owned_grads(dy1, dy2):
+            dy1, dy2 = dy1.clone(), dy2.clone()
         with torch.no_grad():
-            x1, x2, dx1, dx2, dpf, dpg = backward_step(y1, y2, dy1, dy2, self.spec, _vjp, _coupling_autodiff)
+            x1, x2, dx1, dx2, dpf, dpg = backward_step(y1, y2, dy1, dy2, self.spec, _vjp, _coupling_autodiff,
+                                                       overwrite=True, g_half=chunked_half)
+        del y1, y2, dy1, dy2
         if not self.bottom:
-            seg.outputs, seg.owner = (x1, x2), self.index - 1
+            seg.outputs, seg.owner, seg.outputs_owned = (x1, x2), self.index - 1, True
+            seg.handed_down = (dx1.data_ptr(), dx2.data_ptr())
         return dx1, dx2, dpf + dpg
 
 
@@ -173,11 +235,14 @@ def needs_rng(module: torch.nn.Module) -> bool:
     return False
 
 
-def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: torch.Tensor, x2: torch.Tensor):
+def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: torch.Tensor, x2: torch.Tensor,
+               *, private_outputs: bool = False):
     """Run the stack: (x1, x2) -> (y1, y2), each (B, T, d), one policy per layer.
 
     reverse: no activations kept (rebuilt from outputs); store: plain autograd; checkpoint: keeps the
     layer's inputs and recomputes it (torch.utils.checkpoint, which replays autocast and RNG itself).
+    ``private_outputs``: the caller keeps no
+    reference to (y1, y2) past the backward, so the backward may rebuild streams in their memory.
     """
     grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or any(
         p.requires_grad for layer in layers for p in layer.parameters()))
@@ -197,4 +262,6 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
             x1, x2 = checkpoint(layer, x1, x2, use_reentrant=False)
         else:
             x1, x2 = layer(x1, x2)
+    if segment is not None:
+        segment.outputs_owned = private_outputs
     return x1, x2

@@ -66,13 +66,14 @@ class ReversibleFFN(_CoupledHalf):
     """A feed-forward block (GELU, GeGLU, SwiGLU, ...) coupled into a stream."""
 
     def __init__(self, d_model: int, d_ff: int, coupling_fn="additive", *, activation: str = "gelu",
-                 use_geglu: bool = False, dropout: float = 0.0, norm: str = "layernorm", norm_eps: float = 1e-5):
+                 use_geglu: bool = False, dropout: float = 0.0, norm: str = "layernorm", norm_eps: float = 1e-5,
+                 chunk_size: int = 0):
         super().__init__(coupling_fn)
         if use_geglu:
             activation = "geglu"
         self.block = FeedForwardBlock(
             d_model, d_ff, self.coupling.fx_features(d_model), activation=activation, norm=norm, eps=norm_eps,
-            dropout=dropout,
+            dropout=dropout, chunk_size=chunk_size,
         )
 
 
@@ -93,7 +94,7 @@ class ReversibleLayer(nn.Module):
         )
         ffn = ReversibleFFN(
             cfg.d_model, cfg.ffn_dim, resolve_coupling(cfg), activation=cfg.activation, dropout=cfg.dropout,
-            norm=cfg.norm, norm_eps=cfg.norm_eps,
+            norm=cfg.norm, norm_eps=cfg.norm_eps, chunk_size=cfg.ffn_chunk_size,
         )
         return cls(attn, ffn)
 

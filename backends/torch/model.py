@@ -113,14 +113,15 @@ class ReversibleTransformer(nn.Module):
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (B, T, d) of validated ids."""
         x1, x2 = self.streams(input_ids)
-        y1, y2 = run_layers(self.layers, self.policies, x1, x2)
+        y1, y2 = run_layers(self.layers, self.policies, x1, x2, private_outputs=True)
         return self.norm((y1 + y2) * 0.5)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, return_logits: bool = False,
-                compute_loss: bool = True) -> ModelOutput:
+                return_hidden: bool = False, compute_loss: bool = True) -> ModelOutput:
         """Next-token LM. input_ids (B, T) or (T,) int; labels like input_ids (default: input_ids), shifted here.
 
-        The loss is computed over sequence chunks; logits (B, T, V) are materialised only with return_logits.
+        The loss is computed over sequence chunks; logits (B, T, V) are materialised only with return_logits,
+        and the final hidden states (B, T, d) are kept only with return_hidden (at 256k tokens they are 1 GiB).
         """
         input_ids = self._check_ids(input_ids, "input_ids")
         self._check_range(input_ids, "input_ids")
@@ -137,7 +138,7 @@ class ReversibleTransformer(nn.Module):
             targets = shift_targets(input_ids if labels is None else labels.to(torch.int64))
             loss = chunked_lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size)
         logits = self.head(h) if return_logits else None
-        return ModelOutput(loss=loss, logits=logits, last_hidden_state=h)
+        return ModelOutput(loss=loss, logits=logits, last_hidden_state=h if return_hidden else None)
 
     def save_weights(self, path) -> None:
         """Write the canonical safetensors file any backend can load (see ``revnet_core.build(weights=...)``)."""

@@ -1,0 +1,271 @@
+"""The training loop: the seed README's call shapes, accumulation, clipping, schedule, logs, plot, passkey,
+and the CPU parity smoke."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import revnet_core
+from revnet_core import ConfigError, InputError
+from revnet_core.cli import main
+from revnet_core.data import lm_data, stdlib_corpus
+from revnet_torch.trainer import LongContextTrainer, cosine_schedule, read_log
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(num_layers=2, d_model=32, num_heads=2, d_ff=48, vocab_size=256, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls gain nothing from threads, and an OpenMP pool on a busy 2-core machine costs 10x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(seed=0, **fields):
+    torch.manual_seed(seed)
+    return revnet_core.build("torch", **{**TINY, **fields})
+
+
+TEXTS = [f"text number {i}: " + "pack my box with five dozen liquor jugs. " * (3 + i % 4) for i in range(12)]
+
+
+# --- the seed README's call shapes ---------------------------------------------------------------------
+def test_readme_call_shape_on_a_list_of_texts():
+    trainer = LongContextTrainer(model=tiny(), max_length=64, gradient_accumulation_steps=2, progress=False)
+    summary = trainer.train(train_dataset=TEXTS[:10], eval_dataset=TEXTS[10:], num_epochs=2, batch_size=2)
+    pieces = sum(math.ceil(len(t.encode()) / 64) for t in TEXTS[:10])
+    assert summary["steps"] == math.ceil(2 * pieces / (2 * 2))  # epochs x pieces / (batch x accumulation)
+    assert summary["eval"]["eval_bits_per_byte"] > 0
+    assert trainer.max_grad_norm == 1.0  # clipping is on unless turned off
+
+
+def test_dataset_of_token_tensors_reports_bits_per_token():
+    class Ids(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return torch.arange(i, i + 40) % 50
+
+    trainer = LongContextTrainer(model=tiny(vocab_size=50), max_length=32, progress=False)
+    summary = trainer.train(train_dataset=Ids(), eval_dataset=Ids(), num_epochs=1, batch_size=3)
+    assert "eval_bits_per_token" in summary["eval"] and "eval_bits_per_byte" not in summary["eval"]
+
+
+def test_memory_efficient_optimizer_updates_one_tensor_at_a_time():
+    trainer = LongContextTrainer(model=tiny(), max_length=64, progress=False)
+    trainer.train(train_dataset=TEXTS[:2], num_epochs=1, batch_size=2, memory_efficient_optimizer=True)
+    assert all(g["foreach"] is False for g in trainer.optimizer.param_groups)
+    plain = LongContextTrainer(model=tiny(), max_length=64, progress=False)
+    plain.train(train_dataset=TEXTS[:2], num_epochs=1, batch_size=2)
+    assert all(g["foreach"] is not False for g in plain.optimizer.param_groups)
+
+
+@pytest.mark.parametrize("keyword, value, message", [
+    ("attention_window_size", 4096, "sliding-window attention is not implemented"),
+    ("use_linear_attention_approximation", True, "linear attention is not implemented"),
+    ("max_length", 128, "exceeds the model's max_seq_len=64"),
+    ("gradient_accumulation_steps", 0, "must be a positive integer"),
+    ("precision", "fp16", "is not one of"),
+])
+def test_unsupported_or_bad_keywords_raise(keyword, value, message):
+    with pytest.raises(ConfigError, match=message):
+        LongContextTrainer(model=tiny(), **{keyword: value})
+
+
+def test_bad_datasets_raise_clear_errors():
+    trainer = LongContextTrainer(model=tiny(), progress=False)
+    with pytest.raises(InputError, match="empty"):
+        trainer.train(train_dataset=["", "a"], num_epochs=1)
+    with pytest.raises(InputError, match="integer token ids"):
+        trainer.train(train_dataset=[torch.randn(10)], num_epochs=1)
+    with pytest.raises(InputError, match="outside the model's vocabulary"):
+        trainer.train(train_dataset=[torch.tensor([1, 2, 300])], num_epochs=1)
+    small = LongContextTrainer(model=tiny(vocab_size=50), progress=False)
+    with pytest.raises(InputError, match="byte-tokenised"):
+        small.train(train_dataset=["some text"], num_epochs=1)
+
+
+def test_sequence_longer_than_max_length_is_refused():
+    trainer = LongContextTrainer(model=tiny(), max_length=32, progress=False)
+    with pytest.raises(InputError, match="seq_len=48 exceeds max_length=32"):
+        trainer.fit(lm_data(stdlib_corpus(), 48, 1), steps=1)
+
+
+# --- the loop's mechanics ------------------------------------------------------------------------------
+def capture_grads(trainer, into):
+    """Record the gradients each optimizer step sees (after accumulation and clipping)."""
+    setup = trainer._setup_optimizer
+
+    def wrapped(steps):
+        setup(steps)
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: into.append([p.grad.detach().clone() for p in trainer.model.parameters()]))
+
+    trainer._setup_optimizer = wrapped
+
+
+def test_accumulation_matches_one_big_batch():
+    """Two micro-batches of 2 sequences make the same step as one batch of 4 (token-mean loss over the step)."""
+    seqs = [torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    results = []
+    for batch, accum in ((4, 1), (2, 2)):
+        grads = []
+        trainer = LongContextTrainer(model=tiny().double(), max_length=24, gradient_accumulation_steps=accum,
+                                     max_grad_norm=None, progress=False)
+        capture_grads(trainer, grads)
+        trainer.train(train_dataset=seqs, num_epochs=1, batch_size=batch)
+        results.append((trainer.history[1]["loss"], grads[0]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)  # the loss head works in fp32
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_gradients_are_clipped_before_the_optimizer_step():
+    grads = []
+    trainer = LongContextTrainer(model=tiny(), max_length=64, max_grad_norm=0.05, progress=False)
+    capture_grads(trainer, grads)
+    trainer.train(train_dataset=TEXTS[:4], num_epochs=1, batch_size=2)
+    logged = [r["grad_norm"] for r in trainer.history if r["kind"] == "train"]
+    assert len(grads) == len(logged) >= 2
+    assert all(n > 0.05 for n in logged)  # the log shows the norm before clipping
+    assert all(torch.nn.utils.get_total_norm(g).item() <= 0.05 * (1 + 1e-5) for g in grads)
+
+
+def test_cosine_schedule_with_warmup():
+    f = cosine_schedule(warmup=4, total=20, min_ratio=0.1)
+    assert [f(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0
+    assert f(12) == pytest.approx(0.55)
+    assert f(20) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
+    values = [f(i) for i in range(4, 21)]
+    assert values == sorted(values, reverse=True)
+
+
+# --- through the CLI: log, plot, checkpoint, the corpus record ----------------------------------------------
+def test_cli_train_writes_log_plot_checkpoint_and_result(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--size", "tiny", "--layers", "2", "--d-model", "32", "--seq-len", "32", "--steps", "6",
+                 "--batch-size", "2", "--eval-every", "3", "--eval-windows", "4", "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "bits per byte" in captured.out and "checkpoint" in captured.out
+    log = read_log(out / "log.jsonl")
+    header = log[0]
+    assert header["kind"] == "run"
+    assert header["data"]["source"] == "python-stdlib" and len(header["data"]["sha256"]) == 64
+    assert header["data"]["python_version"] == header["environment"]["python"]
+    train = [r for r in log if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mem_bytes"} <= set(train[0])
+    assert [r["step"] for r in log if r["kind"] == "eval"] == [3, 6]
+    assert (out / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "checkpoint.pt").stat().st_size > 0
+    result = json.loads((out / "run.json").read_text())
+    assert result["data"]["sha256"] == stdlib_corpus().sha256
+    assert result["environment"]["python"] and result["eval"]["eval_bits_per_byte"] > 0
+
+
+def test_cli_passkey_task_reports_accuracy(tmp_path, capsys):
+    out = tmp_path / "pk"
+    code = main(["train", "--task", "passkey", "--size", "tiny", "--seq-len", "128", "--steps", "3",
+                 "--batch-size", "2", "--eval-windows", "4", "--out", str(out), "--no-progress", "--no-plot"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "passkey accuracy" in captured.out
+    ev = json.loads((out / "run.json").read_text())["eval"]
+    assert 0.0 <= ev["eval_accuracy"] <= 1.0 and 0.0 <= ev["eval_token_accuracy"] <= 1.0
+    assert ev["eval_loss"] > 0
+
+
+def test_cli_config_file_and_policy_list(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[train]\nsize = "tiny"\nseq_len = 32\nsteps = 2\nbatch_size = 2\neval_windows = 2\n'
+                   'policy = "reverse,store"\nprogress = false\nplot = false\n')
+    code = main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    header = read_log(tmp_path / "r" / "log.jsonl")[0]
+    assert header["config"]["num_layers"] == 2 and header["config"]["max_seq_len"] == 32
+
+
+def test_cli_bf16_on_cpu(tmp_path, capsys):
+    code = main(["train", "--size", "tiny", "--seq-len", "32", "--steps", "2", "--batch-size", "2",
+                 "--eval-windows", "2", "--precision", "bf16", "--out", str(tmp_path / "r"), "--no-progress",
+                 "--no-plot"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "bf16" in captured.out
+
+
+# --- accuracy parity: the CPU smoke of benchmarks/parity.py (no tolerance claim from tiny runs) --------------
+def test_parity_smoke_trains_both_models_and_writes_json(tmp_path):
+    spec = importlib.util.spec_from_file_location("parity", ROOT / "benchmarks" / "parity.py")
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    out = tmp_path / "parity.json"
+    assert parity.main(["--tiny", "--in-process", "--seeds", "0", "1", "--steps", "25", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    env = result["environment"]
+    assert env["python"] and len(env["corpus"]["sha256"]) == 64 and "parity.py" in env["command"]
+    runs = result["runs"]
+    assert sorted((r["model"], r["seed"]) for r in runs) == [("plain", 0), ("plain", 1), ("reversible", 0),
+                                                             ("reversible", 1)]
+    assert len({r["params"] for r in runs}) == 1  # same parameter count
+    for r in runs:
+        assert r["train_loss_last10"] < r["train_loss_first10"] - 0.3, r  # both train
+    summary = result["summary"]
+    assert set(summary["heldout_bpb"]) == {"reversible", "plain"}
+    assert summary["within_1_percent"] is None and "no tolerance claim" in summary["note"]
+
+
+# --- docs/training.md: every code block runs ------------------------------------------------------------------
+def doc_blocks(path):
+    """(language, text) of every fenced block of a markdown file."""
+    blocks, lang, lines = [], None, []
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, lines = line[3:].strip(), []
+            else:
+                blocks.append((lang, "\n".join(lines)))
+                lang = None
+        elif lang is not None:
+            lines.append(line)
+    assert lang is None, f"unclosed code block in {path}"
+    return blocks
+
+
+def test_every_code_block_of_the_training_doc_runs(tmp_path, monkeypatch, capsys):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_texts").mkdir()
+    for i in range(3):
+        (tmp_path / "my_texts" / f"{i}.txt").write_text(f"my text {i}. " + "all work and no play. " * 60)
+    blocks = doc_blocks(ROOT / "docs" / "training.md")
+    assert {lang for lang, _ in blocks} == {"bash", "toml", "python"}
+    for lang, text in blocks:
+        if lang == "bash":
+            for line in filter(None, (ln.strip() for ln in text.splitlines())):
+                argv = shlex.split(line)
+                assert argv[0] == "revnet", line
+                code = main(argv[1:])
+                assert code == 0, (line, capsys.readouterr().err)
+        elif lang == "toml":
+            (tmp_path / "doc.toml").write_text(text)
+            code = main(["train", "--config", "doc.toml", "--out", "runs/toml", "--no-progress"])
+            assert code == 0, capsys.readouterr().err
+        else:
+            exec(compile(text, "docs/training.md", "exec"), {"__name__": "__doc__"})
+    assert (tmp_path / "runs" / "resumable" / "checkpoint.pt").exists()
+    steps = [r["step"] for r in read_log(tmp_path / "runs" / "resumable" / "log.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, 21))
