@@ -226,6 +226,17 @@ def test_parity_smoke_trains_both_models_and_writes_json(tmp_path):
     assert set(summary["heldout_bpb"]) == {"reversible", "plain"}
     assert summary["within_1_percent"] is None and "no tolerance claim" in summary["note"]
 
+    # One seed per command, merged afterwards: the same summary as one command with both seeds.
+    halves = []
+    for seed in (0, 1):
+        part = {**result, "runs": [r for r in runs if r["seed"] == seed]}
+        halves.append(tmp_path / f"seed{seed}.json")
+        halves[-1].write_text(json.dumps(part))
+    merged = tmp_path / "merged.json"
+    assert parity.main(["--merge", *map(str, halves), "--out", str(merged)]) == 0
+    assert json.loads(merged.read_text())["summary"] == summary
+    assert parity.main(["--merge", str(halves[0]), str(halves[0]), "--out", str(merged)]) == 2
+
 
 # --- docs/training.md: every code block runs ------------------------------------------------------------------
 def doc_blocks(path):

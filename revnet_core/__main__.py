@@ -1,0 +1,8 @@
+"""``python -m revnet_core``: the same as the ``revnet`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The `revnet` command: flags, config files, listings, and one-line errors with exit code 2 (no traceback).
+
+Everything here fails before a framework is needed; training itself is tested in tests/torch.
+"""
+
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+from revnet_core import hookimpl
+from revnet_core.cli import PRESETS, build_parser, build_settings, main
+from revnet_core.registry import register_plugin, unregister_plugin
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out
+    return code, out.out, out.err
+
+
+def test_cli_imports_no_framework_even_when_it_rejects_bad_input():
+    code = ("import sys; from revnet_core.cli import main; rc = main(['train', '--data', '/no/such/path']); "
+            "print(rc, sorted(m for m in ('torch', 'jax') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split("\n")[0] == "2 []"
+    assert "data path '/no/such/path' does not exist" in proc.stderr
+
+
+def test_console_script_and_module_entry_points():
+    (ep,) = [e for e in metadata.entry_points(group="console_scripts") if e.name == "revnet"]
+    assert ep.value == "revnet_core.cli:main"
+    proc = subprocess.run([sys.executable, "-m", "revnet_core", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("revnet-zero ")
+
+
+def test_no_subcommand_prints_help_and_exits_2(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "train" in err and "info" in err and "plugins" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--steps", "many"], "invalid int value: 'many'"),
+    (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["train", "--backend", "nope"], "unknown backend 'nope'; installed backends: "),
+    (["train", "--data", "/no/such/path"], "data path '/no/such/path' does not exist"),
+    (["train", "--seq-len", "512", "--max-seq-len", "256"], "seq_len=512 is larger than max_seq_len=256"),
+    (["train", "--task", "passkey", "--seq-len", "64"], "the passkey task needs seq_len >="),
+    (["train", "--task", "passkey", "--data", "x.txt"], "--data is for --task lm"),
+    (["train", "--policy", "reverse,store"], "got 2 policies for 4 layers"),
+    (["train", "--policy", "sometimes"], "policy 'sometimes' is not one of"),
+    (["train", "--d-model", "100", "--heads", "3"], "d_model=100 must be divisible by num_heads=3"),
+    (["train", "--steps", "0"], "steps=0 must be a positive integer"),
+    (["train", "--resume"], "--resume without a path needs --out DIR"),
+    (["train", "--config", "/no/such.toml"], "config file '/no/such.toml' does not exist"),
+])
+def test_bad_flags_give_one_line_and_exit_2(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+
+
+def data_file(tmp_path, text="some plain text for training. " * 30):
+    path = tmp_path / "data.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("binary", b"\x89PNG\r\n\x1a\n\0\0\0", "is not a text file (it contains NUL bytes)"),
+    ("latin1", "na\xefve caf\xe9 ".encode("latin-1") * 50, "is not UTF-8 text"),
+    ("empty", b"", "the data is empty"),
+])
+def test_bad_data_files_through_the_cli(tmp_path, capsys, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, _, err = run(capsys, "train", "--data", str(path))
+    assert code == 2 and message in err and name in err
+
+
+def test_empty_folder_through_the_cli(tmp_path, capsys):
+    (tmp_path / "nothing").mkdir()
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "nothing"))
+    assert code == 2 and "contains no files" in err
+
+
+def test_sequence_longer_than_the_data_through_the_cli(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--data", str(data_file(tmp_path)), "--seq-len", "4096")
+    assert code == 2 and "seq_len=4096 is larger than the training data" in err
+
+
+# --- config files ------------------------------------------------------------------------------------------
+def settings(*argv):
+    return build_settings(build_parser().parse_args(["train", *argv]))
+
+
+def test_config_file_values_and_flag_precedence(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('size = "base"\nseq-len = 128\nlr = 1\ndata = "corpus.txt"\nprogress = false\n')
+    s = settings("--config", str(cfg), "--seq-len", "64")
+    assert s.seq_len == 64  # the flag wins
+    assert s.size == "base" and s.lr == 1.0 and isinstance(s.lr, float) and s.data == ["corpus.txt"]
+    assert s.progress is False
+    config = s.model_config()
+    assert (config.num_layers, config.d_model, config.num_heads) == tuple(PRESETS["base"].values())
+    assert config.max_seq_len == 64 and config.vocab_size == 256
+
+
+def test_defaults_are_the_small_embedded_run():
+    s = settings()
+    assert (s.size, s.seq_len, s.steps, s.task, s.data, s.backend) == ("small", 256, 200, "lm", None, "torch")
+    assert s.max_grad_norm == 1.0 and s.clip_norm == 1.0  # clipping is on by default
+    assert settings("--max-grad-norm", "0").clip_norm is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ("stepz = 3\n", "unknown key 'stepz'"),
+    ("steps = 'three'\n", "steps='three' must be of type int"),
+    ("steps = = 3\n", "is not valid TOML"),
+    ("[train]\nsteps = 3\n[other]\nx = 1\n", "lie outside the [train] table"),
+    ("task = 'translate'\n", "task='translate' is not one of"),
+])
+def test_bad_config_files_exit_2(tmp_path, capsys, content, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(content)
+    code, _, err = run(capsys, "train", "--config", str(cfg))
+    assert code == 2 and message in err
+
+
+# --- info and plugins -------------------------------------------------------------------------------------
+def test_info_lists_backends_couplings_kernels_plugins_versions_and_device(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    for text in ("versions: revnet-zero", "python", "torch", "device: ", "backends: ", "torch (revnet-zero",
+                 "couplings: ", "additive", "affine", "kernels by device:", "plugins:"):
+        assert text in out, text
+
+
+def test_plugins_lists_distribution_and_failures(capsys):
+    class Broken:
+        @hookimpl
+        def register_couplings(self, register):
+            raise RuntimeError("boom")
+
+    name = register_plugin(Broken(), name="test-cli-broken")
+    try:
+        with pytest.warns(UserWarning, match="boom"):
+            code, out, _ = run(capsys, "plugins")
+    finally:
+        unregister_plugin(name)
+    assert code == 0
+    assert "backend" in out and "torch" in out and "revnet-zero" in out
+    assert "test-cli-broken" in out and "boom" in out
+    code, out, _ = run(capsys, "plugins", "--json")
+    assert code == 0 and '"kind": "coupling"' in out
