@@ -6,10 +6,12 @@ virtualenv per session would reinstall torch each time, and torch must come from
 collected) fails a session like any other non-zero code.
 """
 
+from pathlib import Path
+
 import nox
 
 nox.options.default_venv_backend = "none"
-nox.options.sessions = ["core", "torch"]
+nox.options.sessions = ["core", "torch", "plugins"]
 
 
 @nox.session
@@ -22,3 +24,15 @@ def core(session):
 def torch(session):
     """The PyTorch backend: engine gradients, memory accounting, model, errors."""
     session.run("python", "-m", "pytest", "tests/torch", *session.posargs)
+
+
+@nox.session
+def plugins(session):
+    """Coupling plugins: each folder of plugins/ pip-installed as a user would, then the plugin system's tests
+    (broken plugins reported and skipped, the template of docs/plugins.md) and every plugin's own tests."""
+    folders = sorted(str(p) for p in Path("plugins").iterdir() if (p / "pyproject.toml").is_file())
+    for folder in folders:
+        session.run("python", "-m", "pip", "install", "--quiet", "--no-deps", folder)
+    # REVNET_REQUIRE_PLUGINS: an example plugin that did not install fails the tests instead of skipping them.
+    session.run("python", "-m", "pytest", "tests/plugins", *(f"{f}/tests" for f in folders), *session.posargs,
+                env={"REVNET_REQUIRE_PLUGINS": "1"})

@@ -1,8 +1,9 @@
 """The plugin registry: backends, couplings and kernels, discovered through pluggy entry points.
 
 Nothing is imported at ``import revnet_core``: the first lookup loads the built-ins and every
-``revnet_zero`` entry point. A plugin that fails to load is reported by name with its reason and skipped;
-it never takes the others down.
+``revnet_zero`` entry point. A plugin that fails to import, raises while registering, or registers a
+coupling that fails its load-time probe (``plugin_checks``) is reported by name with its reason in
+``registry().failures`` (and one warning) and skipped; it never takes the others down.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import pluggy
 
 from . import hookspecs
 from .errors import UnknownNameError
+from .plugin_checks import PluginCheckError, check_factory
 
 ENTRY_POINT_GROUP = "revnet_zero"
 DEFAULT_PLUGINS = ("revnet_core.builtin_couplings",)
+CORE_DISTRIBUTION = "revnet-zero"  # ships revnet_core, hence the DEFAULT_PLUGINS
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class Entry:
     name: str
     obj: Any
     plugin: str  # the plugin (entry point or module) that registered it
-    distribution: str = ""  # the installed distribution that ships it, with version
+    distribution: str = ""  # "name version" of the installed distribution that ships it; "" if in-process
 
 
 @dataclass
@@ -53,16 +56,18 @@ def plugin_manager() -> pluggy.PluginManager:
         pm.add_hookspecs(hookspecs)
         import importlib
 
+        core = _installed(CORE_DISTRIBUTION)
         for modname in DEFAULT_PLUGINS:
             pm.register(importlib.import_module(modname), name=modname)
+            _distributions[modname] = core
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
                 continue
+            if ep.dist is not None:  # known before loading, so a plugin that fails to import is still traceable
+                _distributions[ep.name] = f"{ep.dist.metadata['Name']} {ep.dist.version}"
             try:
                 plugin = ep.load()
                 pm.register(plugin, name=ep.name)
-                if ep.dist is not None:
-                    _distributions[ep.name] = f"{ep.dist.metadata['Name']} {ep.dist.version}"
             except Exception as exc:  # a broken plugin must not take the others down
                 _load_failures[ep.name] = f"{type(exc).__name__}: {exc}"
                 warnings.warn(f"revnet_zero plugin {ep.name!r} failed to load and was skipped: {exc}", stacklevel=2)
@@ -74,40 +79,87 @@ def registry() -> Registry:
     """Everything the plugins registered. Rebuilt by ``reset()`` (tests register plugins on the fly)."""
     global _registry
     if _registry is None:
-        pm = plugin_manager()
+        pm = plugin_manager()  # first: loading the entry points fills _load_failures
         reg = Registry(failures=dict(_load_failures))
         for plugin_name, plugin in pm.list_name_plugin():
-            hooks = (
-                ("register_backends", reg.backends),
-                ("register_couplings", reg.couplings),
-            )
-            for hook_name, table in hooks:
-                impl = getattr(plugin, hook_name, None)
-                if impl is None:
-                    continue
-
-                def register(name: str, obj: Any, _table=table, _plugin=plugin_name) -> None:
-                    _table[name] = Entry(name, obj, _plugin, _distributions.get(_plugin, ""))
-
-                _call_plugin(reg, plugin_name, impl, register)
-            impl = getattr(plugin, "register_kernels", None)
-            if impl is not None:
-                _call_plugin(
-                    reg,
-                    plugin_name,
-                    impl,
-                    lambda k, _p=plugin_name: reg.kernels.append(Entry(getattr(k, "name", str(k)), k, _p)),
-                )
+            problems = _add_plugin(reg, plugin_name, plugin)
+            if problems:
+                reason = "; ".join(problems)
+                reg.failures[plugin_name] = reason
+                warnings.warn(f"revnet_zero plugin {plugin_name!r}: {reason}", stacklevel=2)
         _registry = reg
     return _registry
 
 
-def _call_plugin(reg: Registry, plugin_name: str, impl: Callable, register: Callable) -> None:
+_HOOKS = ("register_backends", "register_couplings", "register_kernels")
+
+
+def _add_plugin(reg: Registry, plugin_name: str, plugin: Any) -> list[str]:
+    """Add one plugin's registrations to ``reg``; returns what was wrong (empty if nothing).
+
+    A hook that raises drops everything the plugin registered (half a plugin is worse than none); a coupling
+    that fails its probe or reuses a taken name is dropped alone, the plugin's other couplings kept.
+    """
+    dist = _distributions.get(plugin_name, "")
+    staged: dict[str, list[Entry]] = {hook: [] for hook in _HOOKS}
+    for hook in _HOOKS:
+        impl = getattr(plugin, hook, None)
+        if impl is None:
+            continue
+        out = staged[hook]
+        if hook == "register_kernels":
+            def register(k: Any, _out=out) -> None:
+                _out.append(Entry(getattr(k, "name", str(k)), k, plugin_name, dist))
+        else:
+            def register(name: str, obj: Any, _out=out) -> None:
+                _out.append(Entry(name, obj, plugin_name, dist))
+        try:
+            impl(register=register)
+        except Exception as exc:  # a broken plugin must not take the others down
+            return [f"{hook} raised {type(exc).__name__}: {exc}; the plugin was skipped"]
+
+    problems = []
+    for entry in staged["register_couplings"]:
+        if entry.name in reg.couplings:
+            # First come wins: a plugin must not silently swap the coupling of every model using that name.
+            problems.append(f"coupling {entry.name!r} skipped: the name is already registered by "
+                            f"{reg.couplings[entry.name].plugin!r}")
+            continue
+        try:
+            check_factory(entry.obj)
+        except Exception as exc:
+            why = str(exc) if isinstance(exc, PluginCheckError) else f"{type(exc).__name__}: {exc}"
+            problems.append(f"coupling {entry.name!r} skipped: it failed its load-time check: {why}")
+            continue
+        reg.couplings[entry.name] = entry
+    reg.backends.update((e.name, e) for e in staged["register_backends"])
+    reg.kernels.extend(staged["register_kernels"])
+    return problems
+
+
+def describe() -> list[dict[str, str]]:
+    """What ``revnet plugins`` prints: a row per backend, coupling and kernel, then one per failed plugin.
+
+    Row keys: kind ("backend" | "coupling" | "kernel" | "failed"), name, plugin (entry point or module
+    name), distribution ("name version"; "" for a plugin registered in-process), reason ("" unless failed).
+    """
+    reg = registry()
+    rows = []
+    for kind, entries in (("backend", reg.backends.values()), ("coupling", reg.couplings.values()),
+                          ("kernel", reg.kernels)):
+        rows += [dict(kind=kind, name=e.name, plugin=e.plugin, distribution=e.distribution, reason="")
+                 for e in sorted(entries, key=lambda e: e.name)]
+    rows += [dict(kind="failed", name=p, plugin=p, distribution=_distributions.get(p, ""), reason=why)
+             for p, why in sorted(reg.failures.items())]
+    return rows
+
+
+def _installed(name: str) -> str:
+    """"name version" of an installed distribution; the bare name when running from a source tree."""
     try:
-        impl(register=register)
-    except Exception as exc:
-        reg.failures[plugin_name] = f"{type(exc).__name__}: {exc}"
-        warnings.warn(f"revnet_zero plugin {plugin_name!r} failed while registering and was skipped: {exc}", stacklevel=3)
+        return f"{name} {metadata.version(name)}"
+    except metadata.PackageNotFoundError:
+        return name
 
 
 def reset() -> None:

@@ -35,6 +35,9 @@ def test_plugin_registered_in_process_is_used_then_removed():
         def inverse(self, y, fx):
             return y - 2 * fx
 
+        def vjp(self, x, fx, dy):
+            return dy, 2 * dy
+
     class Plugin:
         @hookimpl
         def register_couplings(self, register):
