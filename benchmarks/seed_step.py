@@ -33,11 +33,17 @@ def build(method: str, seq: int, layers: int, extra: dict):
 
 
 def run_cell(method: str, seq: int, layers: int, steps: int, extra: dict) -> dict:
+    """One cell; a method ending in ``+compile`` runs ``torch.compile`` on every attention and FFN block."""
     import torch
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    model = build(method, seq, layers, extra).to(dev)
+    base, _, compiled = method.partition("+")
+    model = build(base, seq, layers, extra).to(dev)
+    if compiled:
+        for layer in model.layers:
+            for block in (layer.attn.block, layer.ffn.block) if base == "reversible" else (layer.attn, layer.ffn):
+                block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, SEED["vocab_size"], (1, seq), device=dev)
     times, losses = [], []
@@ -105,7 +111,7 @@ def environment() -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"of {METHODS}, each optionally +compile")
     ap.add_argument("--seq", default="65536")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--steps", type=int, default=3)

@@ -224,7 +224,7 @@ def test_parity_smoke_trains_both_models_and_writes_json(tmp_path):
         assert r["train_loss_last10"] < r["train_loss_first10"] - 0.3, r  # both train
     summary = result["summary"]
     assert set(summary["heldout_bpb"]) == {"reversible", "plain"}
-    assert summary["within_1_percent"] is None and "no tolerance claim" in summary["note"]
+    assert summary["no_worse_than_1_percent"] is None and "no tolerance claim" in summary["note"]
 
     # One seed per command, merged afterwards: the same summary as one command with both seeds.
     halves = []
