@@ -22,8 +22,8 @@ def core(session):
 
 @nox.session
 def torch(session):
-    """The PyTorch backend: engine gradients, memory accounting, model, errors."""
-    session.run("python", "-m", "pytest", "tests/torch", *session.posargs)
+    """The PyTorch backend: engine gradients, memory accounting, model, errors; and the README's examples."""
+    session.run("python", "-m", "pytest", "tests/torch", "tests/test_docs.py", *session.posargs)
 
 
 @nox.session
