@@ -107,3 +107,16 @@ def backward_step(y1, y2, dy1, dy2, layer: LayerSpec, vjp: Vjp, coupling_autodif
     # Then F: y1 = cf(x1, F(x2)) and x2 is now known.
     x1, dx1, dx2_from_f, dparams_f = half_backward(layer.f, layer.cf, x2, y1, dz1, vjp, coupling_autodiff, overwrite)
     return x1, x2, dx1, _accumulate(dx2, dx2_from_f, overwrite), dparams_f, dparams_g
+
+
+def pair_backward_step(y1, y2, dy1, dy2, pair, inverse, vjp2):
+    """Backward of a whole-pair coupling (one that owns its functions): ``(y1, y2) = pair(x1, x2)``.
+
+    ``inverse(pair, y1, y2) -> (x1, x2)`` rebuilds the inputs (no derivatives needed); ``vjp2(pair, x1, x2)
+    -> ((y1, y2), pullback)`` re-runs the forward for the vector-Jacobian product, with pullback((dy1, dy2))
+    -> (dx1, dx2, dparams). One inverse and one forward: the price of a coupling the engine cannot see into.
+    """
+    x1, x2 = inverse(pair, y1, y2)
+    _, pull = vjp2(pair, x1, x2)
+    dx1, dx2, dparams = pull((dy1, dy2))
+    return x1, x2, dx1, dx2, dparams

@@ -11,6 +11,8 @@ _EXPORTS = {
     "ReversibleAttention": ".layers",
     "ReversibleFFN": ".layers",
     "ReversibleLayer": ".layers",
+    "ReversibleSequence": ".layers",
+    "PairCoupling": ".layers",
     "run_layers": ".engine",
     "chunked_lm_loss": ".loss",
     "load_weights": ".weights",

@@ -21,9 +21,9 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from revnet_core.errors import ReversibilityError
-from revnet_core.sweep import LayerSpec, backward_step, forward_step, half_backward
+from revnet_core.sweep import LayerSpec, backward_step, forward_step, half_backward, pair_backward_step
 
-from .layers import ReversibleLayer
+from .layers import PairCoupling, ReversibleLayer
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class Segment:
 
 class _ReverseLayerFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1, x2, run: "_LayerRun", *params):
+    def forward(ctx, x1, x2, run: "_Run", *params):
         ctx.run = run
         return run.forward(x1, x2)
 
@@ -179,22 +179,19 @@ class _ReverseLayerFn(torch.autograd.Function):
         return dx1, dx2, None, *dparams
 
 
-class _LayerRun:
-    """What one reverse layer remembers between its forward and backward: no tensors but RNG states."""
+class _Run:
+    """What one reverse layer remembers between its forward and backward: no tensors, only its place in
+    the segment (and RNG states in its blocks). Subclasses say how to step forward and backward."""
 
-    def __init__(self, layer: ReversibleLayer, index: int, segment: Segment, bottom: bool, record_rng: bool,
-                 autocast: AutocastState):
-        spec = layer.spec()
-        self.f = _Block(spec.f, autocast, record_rng)
-        self.g = _Block(spec.g, autocast, record_rng)
-        self.spec = LayerSpec(self.f, self.g, spec.cf, spec.cg)
+    params: list[torch.Tensor]
+
+    def __init__(self, index: int, segment: Segment, bottom: bool):
         self.index = index
         self.segment = segment
         self.bottom = bottom
-        self.params = self.f.params + self.g.params
 
     def forward(self, x1, x2):
-        y1, y2 = forward_step(x1, x2, self.spec)
+        y1, y2 = self.step(x1, x2)
         self.segment.outputs = (y1.detach(), y2.detach())  # detached: no cycle through our own graph node
         self.segment.owner = self.index
         return y1, y2
@@ -209,6 +206,30 @@ class _LayerRun:
             )
         y1, y2 = seg.outputs
         seg.outputs = None
+        x1, x2, dx1, dx2, dparams = self.step_back(y1, y2, dy1, dy2, seg)
+        del y1, y2, dy1, dy2
+        if not self.bottom:
+            seg.outputs, seg.owner, seg.outputs_owned = (x1, x2), self.index - 1, True
+            seg.handed_down = (dx1.data_ptr(), dx2.data_ptr())
+        return dx1, dx2, dparams
+
+
+class _LayerRun(_Run):
+    """A ``ReversibleLayer``: the core's steps over its F and G blocks, streams rebuilt in place."""
+
+    def __init__(self, layer: ReversibleLayer, index: int, segment: Segment, bottom: bool, record_rng: bool,
+                 autocast: AutocastState):
+        super().__init__(index, segment, bottom)
+        spec = layer.spec()
+        self.f = _Block(spec.f, autocast, record_rng)
+        self.g = _Block(spec.g, autocast, record_rng)
+        self.spec = LayerSpec(self.f, self.g, spec.cf, spec.cg)
+        self.params = self.f.params + self.g.params
+
+    def step(self, x1, x2):
+        return forward_step(x1, x2, self.spec)
+
+    def step_back(self, y1, y2, dy1, dy2, seg: Segment):
         if not seg.outputs_owned:  # someone else may still read them: work on copies
             y1, y2 = y1.clone(), y2.clone()
         if not seg.owned_grads(dy1, dy2):
@@ -216,11 +237,51 @@ class _LayerRun:
         with torch.no_grad():
             x1, x2, dx1, dx2, dpf, dpg = backward_step(y1, y2, dy1, dy2, self.spec, _vjp, _coupling_autodiff,
                                                        overwrite=True, g_half=chunked_half)
-        del y1, y2, dy1, dy2
-        if not self.bottom:
-            seg.outputs, seg.owner, seg.outputs_owned = (x1, x2), self.index - 1, True
-            seg.handed_down = (dx1.data_ptr(), dx2.data_ptr())
-        return dx1, dx2, dpf + dpg
+        return x1, x2, dx1, dx2, dpf + dpg
+
+
+class _PairRun(_Run):
+    """A whole-pair coupling (``PairCoupling``): rebuilt by its own ``inverse``, differentiated by re-running
+    its ``forward``; both under the forward's autocast and RNG state."""
+
+    def __init__(self, pair: PairCoupling, index: int, segment: Segment, bottom: bool, record_rng: bool,
+                 autocast: AutocastState):
+        super().__init__(index, segment, bottom)
+        self.pair = pair
+        self.params = [p for p in pair.parameters() if p.requires_grad]
+        self.autocast = autocast
+        self.record_rng = record_rng
+        self.rng = None
+
+    def step(self, x1, x2):
+        if self.record_rng:
+            self.rng = capture_rng(x1.device)
+        return self.pair(x1, x2)
+
+    def step_back(self, y1, y2, dy1, dy2, seg: Segment):
+        def inverse(pair, a, b):
+            with torch.no_grad(), _replaying(self.autocast, self.rng, a.device):
+                return pair.inverse(a, b)
+
+        def vjp2(pair, a, b):
+            ag, bg = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+            with torch.enable_grad(), _replaying(self.autocast, self.rng, a.device):
+                out = pair(ag, bg)
+
+            def pullback(cts):
+                grads = torch.autograd.grad(out, [ag, bg, *self.params], cts, allow_unused=True)
+                dx1, dx2 = (g if g is not None else torch.zeros_like(x) for g, x in zip(grads[:2], (ag, bg)))
+                return dx1, dx2, list(grads[2:])
+
+            return out, pullback
+
+        return pair_backward_step(y1, y2, dy1, dy2, self.pair, inverse, vjp2)
+
+
+@contextlib.contextmanager
+def _replaying(autocast: AutocastState, rng, device: torch.device):
+    with autocast.replay(), replay_rng(rng, device):
+        yield
 
 
 def needs_rng(module: torch.nn.Module) -> bool:
@@ -254,7 +315,8 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
                 segment, bottom = Segment(), True
             else:
                 bottom = False
-            run = _LayerRun(layer, i, segment, bottom, needs_rng(layer), autocast)
+            kind = _PairRun if isinstance(layer, PairCoupling) else _LayerRun
+            run = kind(layer, i, segment, bottom, needs_rng(layer), autocast)
             x1, x2 = _ReverseLayerFn.apply(x1, x2, run, *run.params)
             continue
         segment = None

@@ -77,6 +77,21 @@ class ReversibleFFN(_CoupledHalf):
         )
 
 
+class PairCoupling(nn.Module):
+    """A whole-pair invertible layer that owns its functions (the user's README ``BaseCoupling``).
+
+    Subclass it with ``forward(x1, x2) -> (y1, y2)`` and ``inverse(y1, y2) -> (x1, x2)``, streams (B, T, d).
+    The engine rebuilds the inputs with ``inverse`` (no grad) and re-runs ``forward`` for the gradients,
+    both under the forward's autocast and RNG state, so it can hold any parameters and any functions.
+    """
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, y1: torch.Tensor, y2: torch.Tensor):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 class ReversibleLayer(nn.Module):
     """One reversible transformer layer over two streams (B, T, d) each."""
 
@@ -108,3 +123,25 @@ class ReversibleLayer(nn.Module):
     def inverse(self, y1: torch.Tensor, y2: torch.Tensor):
         """The layer's inputs rebuilt from its outputs."""
         return inverse_step(y1, y2, self.spec())
+
+
+class ReversibleSequence(nn.Module):
+    """A stack of reversible layers (``ReversibleLayer`` or ``PairCoupling``) over two streams (B, T, d).
+
+    ``policies``: one per layer (reverse | store | checkpoint), default all ``reverse``.
+    """
+
+    def __init__(self, layers, policies=None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.policies = list(policies) if policies is not None else ["reverse"] * len(self.layers)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor | None = None):
+        from .engine import run_layers
+
+        return run_layers(self.layers, self.policies, x1, x1 if x2 is None else x2)
+
+    def inverse(self, y1: torch.Tensor, y2: torch.Tensor):
+        for layer in reversed(self.layers):
+            y1, y2 = layer.inverse(y1, y2)
+        return y1, y2
