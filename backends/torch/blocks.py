@@ -24,6 +24,38 @@ def make_norm(kind: str, d: int, eps: float) -> nn.Module:
     return nn.LayerNorm(d, eps=eps)
 
 
+ROPE_CHUNK = 16384  # tokens per chunk of the rotation: bounds its fp32 temporaries
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of (..., T, hd) by angles with cos/sin (T, hd/2).
+
+    Math in fp32, or in x's dtype where that is wider (fp64 tests); the result in x's dtype."""
+    out = torch.empty_like(x)
+    T = x.shape[-2]
+    math_dtype = torch.promote_types(x.dtype, torch.float32)
+    for s in range(0, T, ROPE_CHUNK):
+        xc = x[..., s:s + ROPE_CHUNK, :].to(math_dtype).unflatten(-1, (-1, 2))  # (..., t, hd/2, 2)
+        a, b = xc[..., 0], xc[..., 1]
+        c, n = cos[s:s + ROPE_CHUNK].to(math_dtype), sin[s:s + ROPE_CHUNK].to(math_dtype)
+        out[..., s:s + ROPE_CHUNK, :] = torch.stack((a * c - b * n, a * n + b * c), dim=-1).flatten(-2)
+    return out
+
+
+class _RotaryFn(torch.autograd.Function):
+    """A rotation is orthogonal: its backward is the rotation by the opposite angle. Saves only cos/sin."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
+
+
 class Rotary(nn.Module):
     """Rotary position angles, fp32, computed per sequence length and shared by every layer."""
 
@@ -43,12 +75,9 @@ class Rotary(nn.Module):
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate (B, H, T, hd) pairs (x[2i], x[2i+1]) by position; math in fp32, result in x's dtype."""
+        """Rotate (B, H, T, hd) pairs (x[2i], x[2i+1]) by position; angles in fp32, result in x's dtype."""
         cos, sin = self.cos_sin(x.shape[-2], x.device)
-        xf = x.float().unflatten(-1, (-1, 2))  # (B, H, T, hd/2, 2)
-        a, b = xf[..., 0], xf[..., 1]
-        out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
-        return out.flatten(-2).to(x.dtype)
+        return _RotaryFn.apply(x, cos, sin)
 
 
 def reference_attention(q, k, v, dropout_p: float = 0.0, training: bool = False):
@@ -83,7 +112,10 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
         rope = self.rotary[0]
-        q, k = rope(q), rope(k)
+        # q and k become new tensors; a contiguous v lets the (B, T, 3d) projection be freed now rather
+        # than live as v's base until the attention backward (1 GiB at 256k tokens).
+        q, k, v = rope(q), rope(k), v.contiguous()
+        del qkv
         p = self.attention_dropout if self.training else 0.0
         if self.attention == "reference":
             o = reference_attention(q, k, v, p, self.training)

@@ -159,11 +159,17 @@ class Segment:
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.owner: int | None = None  # index of the layer that produced ``outputs``
         self.outputs_owned = False
+        self.top_grads_private = False  # the caller's graph hands the top cotangents to us alone
         self.handed_down: tuple[int, int] | None = None  # data pointers of the cotangents we returned
 
     def owned_grads(self, dy1: torch.Tensor, dy2: torch.Tensor) -> bool:
         ptrs = (dy1.data_ptr(), dy2.data_ptr())
-        return ptrs == self.handed_down and ptrs[0] != ptrs[1]
+        if ptrs[0] == ptrs[1]:  # one buffer for both (e.g. the backward of y1 + y2): never ours to overwrite
+            return False
+        if self.top_grads_private:
+            self.top_grads_private = False  # only the first (top) layer's cotangents come from the caller
+            return True
+        return ptrs == self.handed_down
 
 
 class _ReverseLayerFn(torch.autograd.Function):
@@ -303,7 +309,8 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
     reverse: no activations kept (rebuilt from outputs); store: plain autograd; checkpoint: keeps the
     layer's inputs and recomputes it (torch.utils.checkpoint, which replays autocast and RNG itself).
     ``private_outputs``: the caller keeps no
-    reference to (y1, y2) past the backward, so the backward may rebuild streams in their memory.
+    reference to (y1, y2) or to their cotangents, so the backward may rebuild streams and accumulate
+    cotangents in their memory.
     """
     grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or any(
         p.requires_grad for layer in layers for p in layer.parameters()))
@@ -325,5 +332,5 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
         else:
             x1, x2 = layer(x1, x2)
     if segment is not None:
-        segment.outputs_owned = private_outputs
+        segment.outputs_owned = segment.top_grads_private = private_outputs
     return x1, x2

@@ -114,7 +114,9 @@ class ReversibleTransformer(nn.Module):
         """Final-norm hidden states (B, T, d) of validated ids."""
         x1, x2 = self.streams(input_ids)
         y1, y2 = run_layers(self.layers, self.policies, x1, x2, private_outputs=True)
-        return self.norm((y1 + y2) * 0.5)
+        # y1*0.5 + y2*0.5 rounds exactly like (y1 + y2)*0.5 (halving is exact) but its backward gives each
+        # stream a cotangent buffer of its own, which the engine can then reuse in place.
+        return self.norm(y1 * 0.5 + y2 * 0.5)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, return_logits: bool = False,
                 return_hidden: bool = False, compute_loss: bool = True) -> ModelOutput:
