@@ -1,4 +1,4 @@
-"""The ``revnet`` command: ``train``, ``info``, ``plugins``.
+"""The ``revnet`` command: ``train``, ``bench``, ``info``, ``plugins``.
 
 Importing this module imports no framework: settings, data and the model config are checked here, in the
 framework-free core, and only then is the chosen backend's ``trainer`` module imported (the sibling module
@@ -337,6 +337,103 @@ def _print_summary(settings: TrainSettings, summary: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
+# --- bench -------------------------------------------------------------------------------------------
+# The built-in models of the backends' ``bench`` module (revnet_torch.bench.SPEC_KINDS; a test keeps the two
+# in step), named here so a bad name fails before a framework is imported.
+BENCH_MODELS = ("plain", "checkpoint", "offload", "reversible")
+BENCH_METRICS = ("memory", "throughput", "energy")
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--backend", default="torch", metavar="NAME", help="backend whose bench module runs the cells (default: torch)")
+    a("--models", default="plain,checkpoint,reversible", metavar="LIST",
+      help=f"comma-separated, of {', '.join(BENCH_MODELS)} (default: plain,checkpoint,reversible)")
+    a("--seq", default="128,256", metavar="LIST", help="sequence lengths, comma-separated; 4k = 4096 (default: 128,256)")
+    a("--batch", default="1", metavar="LIST", help="one batch size, or one per length (default: 1)")
+    a("--layers", type=int, default=2, metavar="N", help="layers (default: 2)")
+    a("--d-model", type=int, default=64, metavar="N", help="model width (default: 64)")
+    a("--heads", type=int, default=2, metavar="N", help="attention heads (default: 2)")
+    a("--d-ff", type=int, default=None, metavar="N", help="feed-forward width (default: 4 x d_model)")
+    a("--vocab", type=int, default=256, metavar="N", help="vocabulary size (default: 256; the seed model: 50257)")
+    a("--activation", default="gelu", metavar="NAME", help="FFN activation (default: gelu)")
+    a("--steps", type=int, default=3, metavar="N", help="timed steps per cell; time is their median (default: 3)")
+    a("--warmup", type=int, default=1, metavar="N", help="untimed steps before them (default: 1)")
+    a("--metrics", default=",".join(BENCH_METRICS), metavar="LIST", help="of memory, throughput, energy (default: all)")
+    a("--optimizer", default="adamw", choices=("adamw", "sgd", "none"), help="stepped in every step (default: adamw)")
+    a("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+      help="auto: bf16 autocast on GPU, fp32 on CPU (default: auto)")
+    a("--device", default="auto", metavar="NAME", help="auto (GPU when present), cpu, cuda, cuda:1 (default: auto)")
+    a("--seed", type=int, default=0, metavar="N", help="seed of the weights (shared by every model) and the ids")
+    a("--timeout", type=float, default=None, metavar="S", help="seconds a cell may run before it is an error row")
+    a("--out", default=None, metavar="DIR", help="folder for bench.json and bench.png (default: runs/bench-<date-time>)")
+    a("--no-plot", dest="plot", action="store_false", help="no PNG")
+
+
+def _int_list(text: str, flag: str, minimum: int) -> list[int]:
+    values = []
+    for token in text.split(","):
+        t = token.strip().lower()
+        scale = 1
+        if t.endswith("k"):
+            t, scale = t[:-1], 1024
+        elif t.endswith("m"):
+            t, scale = t[:-1], 1024 * 1024
+        if not t.isdigit() or int(t) * scale < minimum:
+            raise ConfigError(f"{flag} {text!r}: {token.strip()!r} is not an integer >= {minimum} "
+                              f"(give a comma-separated list such as 1024,4096 or 4k,16k)")
+        values.append(int(t) * scale)
+    return values
+
+
+def _name_list(text: str, flag: str, known: tuple[str, ...]) -> list[str]:
+    names = [t.strip() for t in text.split(",")]
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{flag}: unknown name {name!r}; choose from {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{flag} {text!r} names a model twice")
+    return names
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    models = _name_list(args.models, "--models", BENCH_MODELS)
+    lengths = _int_list(args.seq, "--seq", 2)  # the next-token loss needs two tokens
+    batches = _int_list(args.batch, "--batch", 1)
+    metrics = _name_list(args.metrics, "--metrics", BENCH_METRICS)
+    if len(batches) not in (1, len(lengths)):
+        raise ConfigError(f"--batch gives {len(batches)} sizes for {len(lengths)} lengths: give one, or one per length")
+    for flag, value, minimum in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0)):
+        if value < minimum:
+            raise ConfigError(f"{flag}={value} must be >= {minimum}")
+    if args.device != "auto" and not (args.device == "cpu" or args.device.split(":")[0] == "cuda"
+                                      and args.device.partition(":")[2] in ("", *map(str, range(64)))):
+        raise ConfigError(f"--device {args.device!r} is not auto, cpu, cuda or cuda:N")
+    config = {"num_layers": args.layers, "d_model": args.d_model, "num_heads": args.heads, "d_ff": args.d_ff,
+              "vocab_size": args.vocab, "activation": args.activation}
+    ModelConfig.from_kwargs(**config, max_seq_len=max(lengths))  # a bad shape fails before torch is imported
+    bench_name = backend_module_name(args.backend, "bench")
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    bench = importlib.import_module(bench_name)
+    command = "revnet " + shlex.join(getattr(args, "_argv", None) or ["bench"])
+    print(f"revnet bench: {', '.join(models)} at {', '.join(map(str, lengths))} tokens; {args.layers} layers, "
+          f"d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}; one subprocess per cell", file=sys.stderr)
+    suite = bench.BenchmarkSuite(config=config, seed=args.seed, timeout=args.timeout, verbose=True)
+    results = suite.run(models={m: m for m in models}, sequence_lengths=lengths, batch_sizes=batches,
+                        metrics=metrics, steps=args.steps, warmup=args.warmup,
+                        device=None if args.device == "auto" else args.device, optimizer=args.optimizer,
+                        precision=args.precision, command=command)
+    print(results.table())
+    print(f"      json: {results.to_json(out / 'bench.json')}")
+    if args.plot:
+        print(f"      plot: {suite.plot_results(results, out / 'bench.png')}")
+    failed = [r for r in results if r.get("error")]
+    for r in failed:
+        print(f"revnet: error: {r['model']} at {r['seq']} tokens: {r['error'].splitlines()[-1][:300]}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 # --- info / plugins ------------------------------------------------------------------------------------
 def _version(dist: str) -> str | None:
     try:
@@ -435,6 +532,8 @@ def _add_plugins_arguments(parser: argparse.ArgumentParser) -> None:
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("train a reversible LM (no arguments: a small model on the embedded corpus)", add_train_arguments,
               cmd_train),
+    "bench": ("training-step memory, time and energy of built-in models (one subprocess per cell)",
+              _add_bench_arguments, cmd_bench),
     "info": ("installed backends, couplings, kernels, plugins, versions and the device", lambda p: None, cmd_info),
     "plugins": ("the plugins and what each registered", _add_plugins_arguments, cmd_plugins),
 }

@@ -38,7 +38,7 @@ def test_console_script_and_module_entry_points():
 
 def test_no_subcommand_prints_help_and_exits_2(capsys):
     code, _, err = run(capsys)
-    assert code == 2 and "train" in err and "info" in err and "plugins" in err
+    assert code == 2 and "train" in err and "bench" in err and "info" in err and "plugins" in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -62,6 +62,42 @@ def test_bad_flags_give_one_line_and_exit_2(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert message in err
+
+
+# --- bench (its end-to-end run is in tests/torch/test_bench.py) ---------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--models", "plain,transformer"], "--models: unknown name 'transformer'; choose from plain, checkpoint"),
+    (["bench", "--models", "plain,plain"], "names a model twice"),
+    (["bench", "--seq", "1024,abc"], "--seq '1024,abc': 'abc' is not an integer >= 2"),
+    (["bench", "--seq", "1"], "'1' is not an integer >= 2"),
+    (["bench", "--seq", "-5"], "'-5' is not an integer >= 2"),
+    (["bench", "--seq", "64,128", "--batch", "1,2,3"], "--batch gives 3 sizes for 2 lengths"),
+    (["bench", "--batch", "0"], "--batch '0': '0' is not an integer >= 1"),
+    (["bench", "--metrics", "memory,joules"], "--metrics: unknown name 'joules'"),
+    (["bench", "--steps", "0"], "--steps=0 must be >= 1"),
+    (["bench", "--d-model", "30", "--heads", "4"], "d_model=30 must be divisible by num_heads=4"),
+    (["bench", "--device", "tpu"], "--device 'tpu' is not auto, cpu, cuda or cuda:N"),
+    (["bench", "--backend", "nope"], "unknown backend 'nope'"),
+    (["bench", "--optimizer", "lion"], "invalid choice: 'lion'"),
+])
+def test_bench_bad_flags_give_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and message in err and out == ""
+
+
+def test_bench_rejects_bad_input_without_importing_a_framework():
+    code = ("import sys; from revnet_core.cli import main; rc = main(['bench', '--models', 'gpt']); "
+            "print(rc, sorted(m for m in ('torch', 'jax') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split("\n")[0] == "2 []"
+    assert proc.stderr.startswith("revnet: error: --models: unknown name 'gpt'")
+
+
+def test_bench_is_listed_with_its_flags():
+    proc = subprocess.run([sys.executable, "-m", "revnet_core", "bench", "--help"], capture_output=True, text=True,
+                          check=True)
+    for flag in ("--models", "--seq", "--layers", "--d-model", "--heads", "--vocab", "--steps", "--out"):
+        assert flag in proc.stdout
 
 
 def data_file(tmp_path, text="some plain text for training. " * 30):
