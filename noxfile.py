@@ -11,7 +11,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "none"
-nox.options.sessions = ["core", "torch", "plugins"]
+nox.options.sessions = ["core", "torch", "plugins", "jax"]
 
 
 @nox.session
@@ -36,3 +36,11 @@ def plugins(session):
     # REVNET_REQUIRE_PLUGINS: an example plugin that did not install fails the tests instead of skipping them.
     session.run("python", "-m", "pytest", "tests/plugins", *(f"{f}/tests" for f in folders), *session.posargs,
                 env={"REVNET_REQUIRE_PLUGINS": "1"})
+
+
+@nox.session
+def jax(session):
+    """The JAX backend in its own process (jax_enable_x64 is process-wide): reversible gradients against
+    plain autodiff in float64, compiled memory flat in depth, weights and losses shared with torch."""
+    session.run("python", "-m", "pytest", "tests/jax", *session.posargs,
+                env={"JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"})

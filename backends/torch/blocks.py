@@ -57,7 +57,9 @@ class _RotaryFn(torch.autograd.Function):
 
 
 class Rotary(nn.Module):
-    """Rotary position angles, fp32, computed per sequence length and shared by every layer."""
+    """Rotary positions shared by every layer. The canonical angles (every backend computes the same):
+    inv_freq computed in float64 and rounded once to float32, angles = position * inv_freq in float32,
+    cos/sin taken in the rotation's dtype, promote(x.dtype, float32)."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
@@ -65,18 +67,21 @@ class Rotary(nn.Module):
         self.base = base
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cos_sin(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (T, device)
+    def cos_sin(self, T: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        """(cos, sin), each (T, head_dim/2) in ``dtype`` (at least float32)."""
+        dtype = torch.promote_types(dtype, torch.float32)
+        key = (T, device, dtype)
         if key not in self._cache:
             self._cache.clear()  # one length at a time: at 1M tokens a table is 128 MiB
-            inv = self.base ** (-torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
-            ang = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv)  # (T, hd/2)
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+            inv = (self.base ** -exponents).to(device=device, dtype=torch.float32)
+            ang = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv).to(dtype)  # (T, hd/2)
             self._cache[key] = (ang.cos(), ang.sin())
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate (B, H, T, hd) pairs (x[2i], x[2i+1]) by position; angles in fp32, result in x's dtype."""
-        cos, sin = self.cos_sin(x.shape[-2], x.device)
+        """Rotate (B, H, T, hd) pairs (x[2i], x[2i+1]) by position; result in x's dtype."""
+        cos, sin = self.cos_sin(x.shape[-2], x.device, x.dtype)
         return _RotaryFn.apply(x, cos, sin)
 
 

@@ -24,20 +24,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk_size: int):
         # h: (N, d) float, weight: (V, d), targets: (N,) int64 with IGNORE_INDEX for no target.
         cdtype = _compute_dtype(h)
+        acc = torch.promote_types(cdtype, torch.float32)  # softmax and sums: fp32, or fp64 in fp64 runs
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid = targets != IGNORE_INDEX
         count = valid.sum()
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        total = torch.zeros((), dtype=acc, device=h.device)
         dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
         w = weight.to(cdtype)
-        scale = 1.0 / count.clamp(min=1).float()
+        scale = 1.0 / count.clamp(min=1).to(acc)
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.shape[0], chunk_size):
                 hc = h[start:start + chunk_size]
                 tc = targets[start:start + chunk_size]
                 vc = valid[start:start + chunk_size]
-                logits = (hc.to(cdtype) @ w.T).float()  # (n, V), fp32 softmax
+                logits = (hc.to(cdtype) @ w.T).to(acc)  # (n, V)
                 lse = torch.logsumexp(logits, dim=-1)
                 safe_t = tc.clamp(min=0)
                 picked = logits.gather(1, safe_t[:, None]).squeeze(1)
@@ -46,13 +47,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     # d loss / d logits = (softmax - onehot) / count on rows with a target, 0 elsewhere.
                     g = torch.exp(logits - lse[:, None])
                     g[torch.arange(g.shape[0], device=g.device), safe_t] -= 1.0
-                    g *= (vc.float() * scale)[:, None]
+                    g *= (vc.to(acc) * scale)[:, None]
                     del logits
                     gc = g.to(cdtype)
                     if dh is not None:
                         dh[start:start + chunk_size] = (gc @ w).to(h.dtype)
                     if dw is not None:
-                        dw += (gc.T @ hc.to(cdtype)).float()
+                        dw += (gc.T @ hc.to(cdtype)).to(acc)
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
         return total * scale
@@ -67,7 +68,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024):
-    """Mean next-token cross-entropy. hidden (B, T, d), weight (V, d), targets (B, T) -> scalar fp32."""
+    """Mean next-token cross-entropy. hidden (B, T, d), weight (V, d), targets (B, T) -> scalar, fp32 (fp64 in
+    fp64 runs)."""
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size)
 
 

@@ -1,0 +1,29 @@
+"""revnet_jax: the JAX backend of RevNet-Zero (installed from ``backends/jax``).
+
+Exports load on first access, so discovering the backend (``revnet_jax.plugin``) does not import jax.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "ModelOutput": ".model",
+    "ReversibleTransformerJAX": ".model",
+    "LayerStatic": ".layers",
+    "layer_forward": ".layers",
+    "layer_inverse": ".layers",
+    "reversible_stack": ".engine",
+    "run_layers": ".engine",
+    "chunked_lm_loss": ".loss",
+    "load_weights": ".weights",
+    "save_weights": ".weights",
+    "JAXMemoryScheduler": ".memory",
+    "compiled_memory": ".memory",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
