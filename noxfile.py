@@ -11,7 +11,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "none"
-nox.options.sessions = ["core", "torch", "plugins", "jax"]
+nox.options.sessions = ["core", "torch", "plugins", "jax", "kernels"]
 
 
 @nox.session
@@ -44,3 +44,10 @@ def jax(session):
     plain autodiff in float64, compiled memory flat in depth, weights and losses shared with torch."""
     session.run("python", "-m", "pytest", "tests/jax", *session.posargs,
                 env={"JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"})
+
+
+@nox.session
+def kernels(session):
+    """revnet_kernels: every Triton kernel through Triton's CPU interpreter against its PyTorch reference
+    (forward and gradients), registry selection, forcing and the one-warning fallback."""
+    session.run("python", "-m", "pytest", "tests/kernels", *session.posargs, env={"TRITON_INTERPRET": "1"})

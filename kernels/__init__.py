@@ -1,0 +1,40 @@
+"""revnet_kernels: device kernels beside their plain PyTorch references (installed from ``kernels/``).
+
+Public functions validate their inputs, then ask the registry (``revnet_kernels.registry``) which
+implementation serves this device, dtype and shape: Triton on CUDA/ROCm, the reference elsewhere.
+``REVNET_KERNELS=reference`` or ``impl="reference"`` forces the reference.
+
+Exports load on first access: importing this package imports neither torch nor triton.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "attention": ".attn",
+    "reference_attention": ".attn",
+    "layer_norm": ".norms",
+    "rms_norm": ".norms",
+    "reference_layer_norm": ".norms",
+    "reference_rms_norm": ".norms",
+    "activation": ".activations",
+    "reference_activation": ".activations",
+    "chunked_ffn": ".ffn",
+    "linear_cross_entropy": ".cross_entropy",
+    "reference_linear_cross_entropy": ".cross_entropy",
+    "KernelImpl": ".registry",
+    "KernelFallbackWarning": ".registry",
+    "select": ".registry",
+    "describe": ".registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+def __dir__():
+    return __all__
