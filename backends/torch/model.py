@@ -71,6 +71,13 @@ class ReversibleTransformer(nn.Module):
                 raise ConfigError(f"policy={p!r} is not one of {list(POLICIES)}")
         self.policies = policies
 
+    def set_scheduler(self, scheduler) -> None:
+        """Let ``scheduler`` (a ``revnet_torch.scheduler.LayerScheduler`` or ``MemoryScheduler``) choose the
+        layers' policies at every forward; ``None`` detaches it and restores the previous policies."""
+        from .scheduler import attach
+
+        attach(self, scheduler)
+
     def compile_blocks(self, **options) -> "ReversibleTransformer":
         """``torch.compile`` every attention and FFN block in place; the sweep itself stays eager."""
         for layer in self.layers:

@@ -1,0 +1,1276 @@
+"""The memory and compute cost of one training step, predicted from the config alone (no framework).
+
+Bytes are derived from what our code allocates, line by line, not fitted: the model *simulates* a training
+step on a tape of allocations and frees that mirrors the torch backend (``blocks.py``, ``engine.py``,
+``loss.py``, ``model.py``), with Python's lifetimes (a temporary dies when its statement ends, a local when
+its function returns or the name is rebound) and autograd's (a node's saved tensors die after that node's
+backward). The peak is the maximum of the tape; the breakdown says what was alive at that instant.
+
+Sizes, for a batch of B sequences of T tokens (N = B*T), width d, H heads, FFN width f::
+
+    A  = N * d                  elements of one stream tensor
+    s  = bytes of the stream dtype (fp32: 4)      c = bytes of the compute dtype (autocast bf16: 2, else s)
+    p  = bytes of the parameter dtype             st = bytes of LayerNorm/LSE statistics (fp32, fp64 for fp64)
+
+What autograd saves for one ``store`` layer (additive coupling, GELU, fused SDPA), each one tensor::
+
+    F: x2 (A*s, the layer input)  mean,rstd (2N*st)  norm out cast (A*c)  rope(q), rope(k), contiguous v
+       (3A*c)  attention out (A*c; the proj input is a view of it)  lse (N*H*st)
+    G: y1 (A*s, shared with the next layer)  mean,rstd  norm out cast (A*c)  act in + act out (2N*f*c)
+    autocast: a compute-dtype copy of each of the four weights (autocast's cast of a parameter is a new tensor)
+    affine coupling: tanh(r) and s (2 * N*d*c per coupling) and the stream it scales
+
+``reverse`` saves nothing (the engine keeps only the top outputs of each run of reverse layers);
+``checkpoint`` saves the layer's two inputs; ``recompute_attention``/``recompute_ffn`` are ``store`` with
+one block under ``torch.utils.checkpoint`` (saving that block's input instead of its activations).
+
+Compute is counted in FLOPs of the matmuls and attention (2 per multiply-add, causal attention half of
+full), backward = 2x forward for matmuls and 2.5x for fused attention (FlashAttention-2 recomputes the
+scores: 5 matmuls against 2). A policy that recomputes a block pays one more forward of it.
+
+Not modelled: allocator rounding and fragmentation (``max_memory_reserved`` minus ``max_memory_allocated``;
+see docs/memory.md), cuBLAS/cuDNN workspaces, and the CPU flash-attention kernel's per-thread buffers
+(their size scales with the thread count, not the tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence
+
+from .config import GATED_ACTIVATIONS, ModelConfig
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+ROPE_CHUNK = 16384  # tokens per chunk of the rotary rotation (revnet_torch.blocks.ROPE_CHUNK)
+OPTIMIZERS = ("adamw", "sgd", "none")
+DEVICES = ("cuda", "cpu")
+ATTENTION_KERNELS = ("sdpa", "math", "reference")
+# Per-layer plans: the engine's three policies, plus a stored layer with one block recomputed.
+PLAN_POLICIES = ("store", "recompute_ffn", "recompute_attention", "checkpoint", "reverse")
+GiB = 2**30
+
+# Tensor categories of the breakdown.
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "streams", "activations", "recompute",
+              "loss_head", "embedding", "autocast_cache", "outputs")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How the model is run: shapes, dtypes, device and optimizer. Defaults: the seed's GPU setting."""
+
+    batch: int = 1
+    seq_len: int = 2048
+    param_dtype: str = "float32"
+    autocast_dtype: str | None = "bfloat16"  # None: no autocast, blocks compute in the stream dtype
+    device: str = "cuda"  # decides the attention kernel's workspace and dropout's mask dtype
+    attention: str | None = None  # sdpa | math | reference; None: what the config selects
+    optimizer: str = "adamw"  # adamw (fused: no step temporaries) | sgd (no momentum) | none
+    training: bool = True  # dropout active (module.train())
+    hold_outputs: bool = False  # the caller keeps the final hidden states (return_hidden=True) past the backward
+
+    def __post_init__(self):
+        for name in ("batch", "seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.param_dtype not in DTYPE_BYTES:
+            raise ValueError(f"param_dtype={self.param_dtype!r} is not one of {list(DTYPE_BYTES)}")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"autocast_dtype={self.autocast_dtype!r} must be None, 'bfloat16' or 'float16'")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r} is not one of {list(DEVICES)}")
+        if self.attention not in (None, *ATTENTION_KERNELS):
+            raise ValueError(f"attention={self.attention!r} is not one of {list(ATTENTION_KERNELS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size the tapes need, in elements or bytes, computed once per (config, workload)."""
+
+    B: int
+    T: int
+    N: int
+    d: int
+    H: int
+    ff: int
+    ffu: int  # width of the FFN's up projection (2f when gated)
+    fx: int  # width of a block's output (d additive, 2d affine)
+    V: int
+    s: int  # stream dtype bytes
+    c: int  # compute dtype bytes
+    p: int  # parameter dtype bytes
+    st: int  # statistics bytes (LayerNorm mean/rstd, attention LSE)
+    cast: bool  # autocast makes a compute-dtype copy of each linear's stream-dtype input
+    wcast: bool  # autocast makes a compute-dtype copy of each weight
+    affine: bool
+    activation: str
+    attention: str
+    device: str
+    drop: float  # block output dropout in effect
+    attn_drop: float  # attention dropout in effect
+    head_chunk: int
+    ffn_chunk: int  # tokens per FFN chunk along the sequence (FeedForwardBlock.chunk_size; T when 0)
+
+    @property
+    def A(self) -> int:
+        return self.N * self.d
+
+    def ffn_rows(self) -> list[int]:
+        """Rows (batch x tokens) of each FFN chunk, in order."""
+        return [self.B * t for t in _chunks(self.T, self.ffn_chunk)]
+
+
+def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
+    p = DTYPE_BYTES[w.param_dtype]
+    s = max(p, DTYPE_BYTES[cfg.stream_dtype])  # streams: the embedding promoted to the stream dtype
+    c = DTYPE_BYTES[w.autocast_dtype] if w.autocast_dtype else s
+    attention = w.attention or ("reference" if cfg.attention == "reference" else
+                                "sdpa" if cfg.use_flash_attention else "math")
+    attn_drop = cfg.attention_dropout if w.training else 0.0
+    if attention == "sdpa" and attn_drop > 0 and w.device == "cpu":
+        attention = "math"  # CPU's flash kernel has no dropout: SDPA falls back to the math kernel
+    affine = cfg.coupling == "affine"
+    fx = 2 * cfg.d_model if affine else cfg.d_model
+    if cfg.coupling not in ("additive", "affine"):  # a plugin coupling: its width from the registry; its own
+        from .build import resolve_coupling  # forward's temporaries are not modelled (counted as additive)
+
+        fx = resolve_coupling(cfg).fx_features(cfg.d_model)
+    return Sizes(
+        B=w.batch, T=w.seq_len, N=w.tokens, d=cfg.d_model, H=cfg.num_heads, ff=cfg.ffn_dim,
+        ffu=cfg.ffn_dim * (2 if cfg.activation in GATED_ACTIVATIONS else 1),
+        fx=fx, V=cfg.vocab_size, s=s, c=c, p=p,
+        st=8 if s == 8 else 4, cast=c != s, wcast=w.autocast_dtype is not None and c != p, affine=affine,
+        activation=cfg.activation, attention=attention, device=w.device,
+        drop=cfg.dropout if w.training else 0.0, attn_drop=attn_drop, head_chunk=cfg.loss_chunk_size,
+        ffn_chunk=cfg.ffn_chunk_size,
+    )
+
+
+def _chunks(total: int, step: int) -> list[int]:
+    """Sizes of consecutive chunks of at most ``step`` covering ``total``."""
+    step = step if 0 < step < total else total
+    return [min(step, total - s) for s in range(0, total, step)]
+
+
+class Tape:
+    """Bytes alive over a sequence of allocations and frees, with owners counted.
+
+    A tensor is ``alloc``-ed with one owner (the Python name or temporary that holds it); ``saved=True``
+    adds autograd's ownership (a saved tensor of the node being recorded). ``hold`` adds an owner,
+    ``free`` drops one; the bytes go when the last owner does. Saves made in the forward are what
+    ``saved_tensors_hooks`` (``revnet_torch.memory.saved_tensor_bytes``) sees.
+    """
+
+    def __init__(self, record: bool = False):
+        self.live: dict[str, list] = {}  # name -> [bytes, category, owners]
+        self.total = 0
+        self.peak = 0
+        self.peak_label = ""
+        self.peak_by_category: dict[str, int] = {}
+        self.by_category: dict[str, int] = {}
+        self.label = ""
+        self.forward = True  # saves count only in the forward; a recompute in the backward is not "saved"
+        self.saved: dict[str, int] = {}
+        self.phase_peaks: dict[str, int] = {}
+        self.phase_starts: dict[str, int] = {}
+        self.record = record
+        self.log: list[tuple] = []
+
+    def set_label(self, label: str) -> None:
+        self.label = label
+        self.phase_starts.setdefault(label, self.total)
+
+    def _change(self, name: str, nbytes: int, cat: str) -> None:
+        self.total += nbytes
+        self.by_category[cat] = self.by_category.get(cat, 0) + nbytes
+        if self.record:
+            self.log.append((self.label, name, nbytes, cat))
+        if self.total > self.peak:
+            self.peak, self.peak_label = self.total, self.label
+            self.peak_by_category = dict(self.by_category)
+        if self.total > self.phase_peaks.get(self.label, -1):
+            self.phase_peaks[self.label] = self.total
+
+    def alloc(self, name: str, nbytes: int, cat: str, saved: bool = False) -> str:
+        if nbytes <= 0:
+            return name
+        if name in self.live:
+            raise AssertionError(f"tape: {name} allocated twice")
+        self.live[name] = [nbytes, cat, 2 if saved else 1]
+        if saved and self.forward:
+            self.saved[name] = nbytes
+        self._change(name, nbytes, cat)
+        return name
+
+    def hold(self, name: str, saved: bool = False) -> None:
+        entry = self.live.get(name)
+        if entry is None:
+            return
+        entry[2] += 1
+        if saved and self.forward:
+            self.saved[name] = entry[0]
+
+    def free(self, *names: str | None) -> None:
+        for name in names:
+            entry = self.live.get(name) if name else None
+            if entry is None:
+                continue
+            entry[2] -= 1
+            if entry[2] == 0:
+                del self.live[name]
+                self._change(name, -entry[0], entry[1])
+
+    def owners(self, name: str) -> int:
+        entry = self.live.get(name)
+        return entry[2] if entry else 0
+
+
+@dataclass
+class StepMemory:
+    """A simulated step: the peak, the phase it happened in, and what was alive then, by category."""
+
+    peak: int
+    phase: str
+    breakdown: dict[str, int]
+    saved_bytes: int  # what autograd saves in the forward (parameters excluded)
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+    phase_starts: dict[str, int] = field(default_factory=dict)
+    log: list = field(default_factory=list, repr=False)
+
+    def transient(self, phase: str) -> int:
+        """Bytes a phase adds above what was alive when it began."""
+        return self.phase_peaks.get(phase, 0) - self.phase_starts.get(phase, 0)
+
+    def summary(self) -> str:
+        rows = [f"peak {format_bytes(self.peak)} during {self.phase}"]
+        for cat, b in sorted(self.breakdown.items(), key=lambda kv: -kv[1]):
+            if b:
+                rows.append(f"  {cat:<16} {format_bytes(b):>12}")
+        return "\n".join(rows)
+
+
+class _Step:
+    """Writes one training step onto a tape, line by line of the torch backend.
+
+    Names are unique per tensor; ``keep`` means autograd records the ops (grad mode, not under a
+    checkpoint), so the tensors each op saves get an autograd owner, released by that op's backward.
+    """
+
+    def __init__(self, cm: "CostModel", tape: Tape):
+        self.cm, self.z, self.t = cm, cm.sizes, tape
+        self.cache: list[str] = []  # autocast's weight copies, cleared when its context exits
+        self.rope_saved = False
+
+    # --- autocast -------------------------------------------------------------------------------------
+    def weight(self, name: str, numel: int, keep: bool) -> str | None:
+        """Autocast's compute-dtype copy of a weight: owned by its cache, and by autograd if ``keep``."""
+        z, t = self.z, self.t
+        if not z.wcast:
+            return None
+        if name in self.cache:  # a cache hit (the FFN's later chunks): the same copy, saved again
+            if keep:
+                t.hold(name, saved=True)
+            return name
+        t.alloc(name, numel * z.c, "autocast_cache", saved=keep)
+        self.cache.append(name)
+        return name
+
+    def exit_autocast(self) -> None:
+        """Leaving the outermost autocast context clears its cache (saved copies stay with autograd)."""
+        self.t.free(*self.cache)
+        self.cache.clear()
+
+    def mixed(self, pre: str, elems: int) -> None:
+        """An elementwise op between a stream-dtype and a compute-dtype tensor: on CPU, TensorIterator
+        first casts the compute-dtype input to a temporary (CUDA casts inside the kernel)."""
+        z, t = self.z, self.t
+        if z.device == "cpu" and z.c != z.s:
+            t.free(t.alloc(pre + "mixed", elems * z.s, "streams"))
+
+    # --- forward of the blocks (blocks.py) ------------------------------------------------------------
+    def layer_norm(self, pre: str, x: str, keep: bool, cat: str, rows: int) -> str:
+        """F.layer_norm: output in x's dtype; saves x and mean/rstd (rows each, accumulation dtype).
+        RMSNorm is composite: x.pow(2).mean(), rsqrt, x * rstd, * weight; saves x, rstd and x * rstd."""
+        z, t = self.z, self.t
+        A = rows * z.d
+        if self.cm.config.norm == "rmsnorm":
+            sq = t.alloc(pre + "ln_sq", A * z.s, cat)
+            m = t.alloc(pre + "ln_mean", rows * z.st, cat)
+            t.free(sq)
+            e = t.alloc(pre + "ln_eps", rows * z.st, cat)
+            t.free(m)
+            r = t.alloc(pre + "ln_stats", rows * z.st, cat, saved=keep)
+            t.free(e)
+            xn = t.alloc(pre + "ln_xn", A * z.s, cat, saved=keep)
+            out = t.alloc(pre + "ln", A * z.s, cat)
+            t.free(xn, r)
+            if keep:
+                t.hold(x, saved=True)  # by pow
+                t.hold(x, saved=True)  # and by x * rstd
+                t.hold(r, saved=True)  # rsqrt saves its result, x * rstd saves it too
+            return out
+        out = t.alloc(pre + "ln", A * z.s, cat)
+        t.free(t.alloc(pre + "ln_stats", 2 * rows * z.st, cat, saved=keep))
+        if keep:
+            t.hold(x, saved=True)
+        return out
+
+    def linear(self, pre: str, x: str, stream_input: bool, x_elems: int, w_numel: int, out_elems: int,
+               keep: bool, cat: str, wname: str) -> str:
+        """nn.Linear: under autocast a compute-dtype copy of a stream-dtype x and of W; saves both."""
+        z, t = self.z, self.t
+        xin = t.alloc(pre + "cast", x_elems * z.c, cat) if (z.cast and stream_input) else x
+        self.weight(wname, w_numel, keep)
+        out = t.alloc(pre + "out", out_elems * z.c, cat)
+        if keep:
+            t.hold(xin, saved=True)
+        if xin != x:
+            t.free(xin)  # the cast is a temporary of the call
+        return out
+
+    def dropout(self, pre: str, x: str, elems: int, keep: bool, cat: str) -> str:
+        """nn.Dropout (p > 0): CPU multiplies by a scaled noise tensor (saved); CUDA saves a bool mask."""
+        z, t = self.z, self.t
+        if not z.drop:
+            return x
+        if z.device == "cpu":
+            noise = t.alloc(pre + "noise", elems * z.c, cat, saved=keep)
+            out = t.alloc(pre + "dropped", elems * z.c, cat)
+        else:
+            out = t.alloc(pre + "dropped", elems * z.c, cat)
+            noise = t.alloc(pre + "mask", elems, cat, saved=keep)
+        t.free(noise, x)
+        return out
+
+    def rope(self, pre: str, cat: str, keep: bool) -> str:
+        """Rotary.forward (_RotaryFn): an output like x, filled chunk by chunk of ROPE_CHUNK tokens with fp32
+        math (a copy of the chunk unless x is fp32 already); saves only cos and sin."""
+        z, t = self.z, self.t
+        out = t.alloc(pre + "rot", z.A * z.c, cat)
+        self.rotate(pre, cat)
+        if keep and t.forward:
+            self.rope_saved = True
+        return out
+
+    def rotate(self, pre: str, cat: str) -> None:
+        """The temporaries of _rotate: per chunk a cast copy, four products, two halves and their stack.
+        The loop rebinds its names, so a chunk's copy is freed only once the next chunk's exists."""
+        z, t = self.z, self.t
+        mb = 8 if z.c == 8 else 4
+        prev = None
+        for k, tokens in enumerate(_chunks(z.T, ROPE_CHUNK)):
+            e = z.B * tokens * z.d  # elements of the chunk, all heads
+            q = f"{pre}r{k}."
+            xc = t.alloc(q + "xc", e * mb, cat) if z.c != mb else None
+            t.free(prev)
+            prev = xc
+            half = e // 2 * mb
+            p1, p2 = t.alloc(q + "p1", half, cat), t.alloc(q + "p2", half, cat)
+            first = t.alloc(q + "first", half, cat)
+            t.free(p1, p2)
+            p3, p4 = t.alloc(q + "p3", half, cat), t.alloc(q + "p4", half, cat)
+            second = t.alloc(q + "second", half, cat)
+            t.free(p3, p4)
+            stk = t.alloc(q + "stack", e * mb, cat)
+            t.free(first, second, stk)  # copied (and cast) into the output
+        t.free(prev)
+
+    def attention_core(self, pre: str, q: str, k: str, v: str, keep: bool, cat: str) -> str:
+        """The attention kernel on (B, H, T, hd) q, k, v; returns its (B, H, T, hd) output."""
+        z, t = self.z, self.t
+        A, BHTT = z.A, z.B * z.H * z.T * z.T
+        if z.attention == "sdpa":  # flash / cuDNN / CPU flash: output and log-sum-exp
+            out = t.alloc(pre + "o", A * z.c, cat, saved=keep)
+            t.free(t.alloc(pre + "lse", z.N * z.H * z.st, cat, saved=keep))
+            if keep:
+                for name in (q, k, v):
+                    t.hold(name, saved=True)
+            return out
+        if z.attention == "math":
+            # SDPA's math kernel: q and k each scaled by sqrt(scale), a causal bias, softmax, @ v. On CPU it
+            # upcasts bf16/fp16 inputs to fp32 (copies of q, k, v) and casts the output back.
+            mc, up = self.math_dtype()
+            if up:
+                q32, k32 = t.alloc(pre + "q32", A * 4, cat), t.alloc(pre + "k32", A * 4, cat)
+                v32 = t.alloc(pre + "v32", A * 4, cat, saved=keep)
+            qs = t.alloc(pre + "qs", A * mc, cat, saved=keep)
+            ks = t.alloc(pre + "ks", A * mc, cat, saved=keep)
+            if up:
+                t.free(q32, k32)
+            bias = t.alloc(pre + "bias", z.T * z.T * mc, cat)
+            scores = t.alloc(pre + "scores", BHTT * mc, cat)
+            t.free(bias)
+            probs = t.alloc(pre + "probs", BHTT * mc, cat, saved=keep)  # softmax saves its output
+            t.free(scores)
+            pv = probs
+            if z.attn_drop:
+                t.free(t.alloc(pre + "anoise", BHTT * mc, cat, saved=keep))
+                pv = t.alloc(pre + "dprobs", BHTT * mc, cat)
+            if keep:
+                t.hold(pv, saved=True)  # the @ v matmul saves its input
+                if not up:
+                    t.hold(v, saved=True)
+            out = t.alloc(pre + "o32" if up else pre + "o", A * mc, cat)
+            if up:
+                t.free(out)
+                out = t.alloc(pre + "o", A * z.c, cat)
+                t.free(pre + "v32")
+            t.free(qs, ks, probs, pv if pv != probs else None)
+            return out
+        # reference_attention: q @ k^T / sqrt(hd), masked_fill(~mask), softmax, (dropout), @ v.
+        sm = 4 if (z.device == "cuda" and z.cast) else z.c  # CUDA's autocast runs softmax in fp32
+        qk = t.alloc(pre + "qk", BHTT * z.c, cat)
+        if keep:
+            t.hold(q, saved=True)
+            t.hold(k, saved=True)
+        scores = t.alloc(pre + "scores", BHTT * z.c, cat)
+        t.free(qk)
+        ones = t.alloc(pre + "ones", z.T * z.T, cat)
+        mask = t.alloc(pre + "mask", z.T * z.T, cat)
+        t.free(ones)
+        notmask = t.alloc(pre + "notmask", z.T * z.T, cat, saved=keep)
+        masked = t.alloc(pre + "masked", BHTT * z.c, cat)
+        t.free(notmask)
+        probs = t.alloc(pre + "probs", BHTT * sm, cat, saved=keep)
+        t.free(masked)
+        pv = probs
+        if sm != z.c:
+            pv = t.alloc(pre + "probs_c", BHTT * z.c, cat)
+        if z.attn_drop:
+            t.free(t.alloc(pre + "anoise", BHTT * z.c, cat, saved=keep))
+            dropped = t.alloc(pre + "dprobs", BHTT * z.c, cat)
+            if pv != probs:
+                t.free(pv)
+            pv = dropped
+        if keep:
+            t.hold(pv, saved=True)
+            t.hold(v, saved=True)
+        out = t.alloc(pre + "o", A * z.c, cat)
+        t.free(scores, mask, probs, pv if pv != probs else None)
+        return out
+
+    def attn_forward(self, pre: str, x: str, keep: bool, cat: str, layer: int) -> str:
+        """AttentionBlock.forward: x (B, T, d) -> fx (B, T, fx)."""
+        z, t = self.z, self.t
+        A = z.A
+        n = self.layer_norm(pre, x, keep, cat, z.N)
+        qkv = self.linear(pre + "qkv.", n, True, A, 3 * z.d * z.d, 3 * A, keep, cat, f"W{layer}.qkv")
+        t.free(n)  # a temporary argument of self.qkv
+        q = self.rope(pre + "ropeq.", cat, keep)
+        k = self.rope(pre + "ropek.", cat, keep)
+        v = t.alloc(pre + "v", A * z.c, cat)  # v.contiguous(): then qkv has no views left and goes
+        t.free(qkv)
+        o = self.attention_core(pre + "att.", q, k, v, keep, cat)
+        if z.attention != "sdpa":  # transpose(1, 2).reshape of a contiguous (B, H, T, hd) result: a copy
+            o2 = t.alloc(pre + "o_bthd", A * z.c, cat)
+            t.free(o)
+            o = o2
+        # (The fused kernels lay their output out like q, whose rotation keeps qkv's (B, T, H, hd) order:
+        # there the reshape is a view.)
+        fx = self.linear(pre + "proj.", o, False, A, z.d * z.fx, z.N * z.fx, keep, cat, f"W{layer}.proj")
+        fx = self.dropout(pre + "drop.", fx, z.N * z.fx, keep, cat)
+        t.free(o, q, k, v)  # locals, released when forward returns
+        return fx
+
+    def ffn_forward(self, pre: str, x: str, keep: bool, cat: str, layer: int, early_stop: bool = False) -> str | None:
+        """FeedForwardBlock.forward: its transform over each sequence chunk, then torch.cat of the parts.
+        ``early_stop``: a checkpoint's recompute stops once the last saved tensor exists (no cat)."""
+        z, t = self.z, self.t
+        rows = z.ffn_rows()
+        if len(rows) == 1:
+            return self.ffn_transform(pre, x, keep, cat, layer, rows[0])
+        parts = [self.ffn_transform(f"{pre}c{k}.", x, keep, cat, layer, r) for k, r in enumerate(rows)]
+        if early_stop:
+            t.free(*parts)
+            return None
+        out = t.alloc(pre + "cat", z.N * z.fx * z.c, cat)
+        t.free(*parts)
+        return out
+
+    def ffn_transform(self, pre: str, x: str, keep: bool, cat: str, layer: int, rows: int) -> str:
+        """FeedForwardBlock._transform over ``rows`` tokens of x (a view): -> gy (rows, fx)."""
+        z, t = self.z, self.t
+        A = rows * z.d
+        n = self.layer_norm(pre, x, keep, cat, rows)
+        u = self.linear(pre + "up.", n, True, A, z.d * z.ffu, rows * z.ffu, keep, cat, f"W{layer}.up")
+        t.free(n)
+        act = z.activation
+        if act in GATED_ACTIVATIONS:  # act(a) * b with (a, b) = u.chunk(2): both halves saved (views of u)
+            ga = t.alloc(pre + "ga", rows * z.ff * z.c, cat, saved=keep)
+            h = t.alloc(pre + "h", rows * z.ff * z.c, cat)
+            if keep:
+                t.hold(u, saved=True)
+                t.hold(u, saved=True)
+            t.free(ga)
+        elif act == "relu":  # relu saves its result (which down saves too)
+            h = t.alloc(pre + "h", rows * z.ff * z.c, cat, saved=keep)
+        else:  # gelu, gelu_exact, silu save their input
+            h = t.alloc(pre + "h", rows * z.ff * z.c, cat)
+            if keep:
+                t.hold(u, saved=True)
+        t.free(u)
+        gy = self.linear(pre + "down.", h, False, rows * z.ff, z.ff * z.fx, rows * z.fx, keep, cat,
+                         f"W{layer}.down")
+        t.free(h)
+        return self.dropout(pre + "drop.", gy, rows * z.fx, keep, cat)
+
+    def couple(self, pre: str, x: str, fx: str, keep: bool, cat: str, rows: int) -> str:
+        """coupling.forward(x, fx) -> y in the stream dtype; affine saves x, s and tanh(r)."""
+        z, t = self.z, self.t
+        A = rows * z.d
+        if z.affine:  # s = 1 + c * tanh(r); y = x * s + t
+            th = t.alloc(pre + "th", A * z.c, cat, saved=keep)
+            cth = t.alloc(pre + "cth", A * z.c, cat)
+            sc = t.alloc(pre + "s", A * z.c, cat)
+            t.free(cth, th)
+            self.mixed(pre + "xs.", A)
+            xs = t.alloc(pre + "xs", A * z.s, cat)
+            if keep:
+                t.hold(x, saved=True)
+                t.hold(sc, saved=True)
+            self.mixed(pre + "y.", A)
+            y = t.alloc(pre + "y", A * z.s, "streams")
+            t.free(xs, sc)
+        else:
+            self.mixed(pre + "y.", A)
+            y = t.alloc(pre + "y", A * z.s, "streams")
+        t.free(fx)  # the block output was a temporary argument
+        return y
+
+    # --- backward of kept blocks (autograd's node order) ---------------------------------------------
+    def linear_backward(self, pre: str, dout: str, xin: str, wname: str, w_numel: int, in_elems: int,
+                        cat: str) -> str:
+        """MmBackward: d(weight) then d(input) (compute dtype); releases its saved input, weight, dout."""
+        z, t = self.z, self.t
+        gc = t.alloc(wname + ".gc", w_numel * z.c, cat) if z.wcast else None
+        dx = t.alloc(pre + "dx", in_elems * z.c, cat)
+        t.free(dout, wname if z.wcast else None, xin)
+        self.grad(wname, w_numel * z.p)
+        t.free(gc)
+        return dx
+
+    def grad(self, name: str, nbytes: int) -> None:
+        """A parameter gradient: the first becomes .grad; later ones (FFN chunks) are added in place."""
+        t = self.t
+        if ("grad." + name) in t.live:
+            t.free(t.alloc(f"grad.{name}.tmp{t.total}", nbytes, "recompute"))
+        else:
+            t.alloc("grad." + name, nbytes, "gradients")
+
+    def uncast(self, pre: str, d: str, elems: int, cat: str) -> str:
+        """ToCopyBackward of autocast's cast of a stream-dtype input."""
+        z, t = self.z, self.t
+        if not z.cast:
+            return d
+        out = t.alloc(pre + "uncast", elems * z.s, cat)
+        t.free(d)
+        return out
+
+    def ln_backward(self, pre: str, dn: str, x: str, rows: int, cat: str, pname: str) -> str:
+        z, t = self.z, self.t
+        A = rows * z.d
+        if self.cm.config.norm == "rmsnorm":  # autograd through the composite, node by node
+            dxn = t.alloc(pre + "ln_dxn", A * z.s, cat)  # dout * weight
+            t.free(t.alloc(pre + "ln_dw", A * z.s, cat))  # dout * xn, summed for the weight
+            t.free(dn, pre + "ln_xn")
+            dx = t.alloc(pre + "ln_dx", A * z.s, cat)  # dxn * rstd
+            t.free(t.alloc(pre + "ln_dr", A * z.s, cat))  # dxn * x, summed for rstd
+            t.free(dxn, x, pre + "ln_stats", pre + "ln_stats")
+            t.free(t.alloc(pre + "ln_dx2", A * z.s, cat), x)  # through pow: 2x * d, added in place
+            self.grad(pname, self.cm.norm_parameter_count() * z.p)
+            return dx
+        dx = t.alloc(pre + "ln_dx", A * z.s, cat)
+        t.free(dn, pre + "ln_stats", x)
+        self.grad(pname, self.cm.norm_parameter_count() * z.p)
+        return dx
+
+    def dropout_backward(self, pre: str, d: str, elems: int, cat: str) -> str:
+        z, t = self.z, self.t
+        if not z.drop:
+            return d
+        out = t.alloc(pre + "ddrop", elems * z.c, cat)
+        t.free(d, pre + "noise", pre + "mask")
+        return out
+
+    def ffn_backward(self, pre: str, ct: str, x: str, layer: int, cat: str) -> str:
+        """Autograd through a kept, chunked FFN: the last chunk's graph first; each chunk's input gradient
+        goes through SliceBackward (a full-size zero tensor) into x's gradient buffer."""
+        z, t = self.z, self.t
+        rows = z.ffn_rows()
+        if len(rows) == 1:
+            return self.ffn_transform_backward(pre, ct, x, layer, cat, rows[0])
+        buf = None
+        for k in reversed(range(len(rows))):
+            t.hold(ct)  # CatBackward hands each chunk a view of ct
+            dxk = self.ffn_transform_backward(f"{pre}c{k}.", ct, x, layer, cat, rows[k])
+            full = t.alloc(f"{pre}c{k}.slice_dx", z.A * z.s, cat)
+            t.free(dxk)
+            if buf is None:
+                buf = full
+            else:
+                t.free(full)  # accumulated into the buffer in place
+        t.free(ct)
+        return buf
+
+    def ffn_transform_backward(self, pre: str, ct: str, x: str, layer: int, cat: str, rows: int) -> str:
+        """Backward of one kept FFN transform from its output cotangent; returns dx (stream dtype)."""
+        z, t = self.z, self.t
+        ct = self.dropout_backward(pre + "drop.", ct, rows * z.fx, cat)
+        dh = self.linear_backward(pre + "down.", ct, pre + "h", f"W{layer}.down", z.ff * z.fx, rows * z.ff, cat)
+        if z.activation in GATED_ACTIVATIONS:
+            dga = t.alloc(pre + "dga", rows * z.ff * z.c, cat)
+            db = t.alloc(pre + "db", rows * z.ff * z.c, cat)
+            t.free(dh, pre + "ga", pre + "up.out")
+            da = t.alloc(pre + "da", rows * z.ff * z.c, cat)
+            t.free(dga, pre + "up.out")
+            du = t.alloc(pre + "du", rows * z.ffu * z.c, cat)  # SplitBackward: cat(da, db)
+            t.free(da, db)
+        else:
+            du = t.alloc(pre + "du", rows * z.ff * z.c, cat)
+            t.free(dh, pre + "h" if z.activation == "relu" else pre + "up.out")
+        nin = pre + "up.cast" if z.cast else pre + "ln"
+        dn = self.linear_backward(pre + "up.", du, nin, f"W{layer}.up", z.d * z.ffu, rows * z.d, cat)
+        dn = self.uncast(pre + "up.", dn, rows * z.d, cat)
+        return self.ln_backward(pre, dn, x, rows, cat, f"W{layer}.ln2")
+
+    def rope_backward(self, pre: str, d: str, cat: str) -> str:
+        """_RotaryFn.backward: the rotation by the opposite angle (-sin is a new table), into a new output."""
+        z, t = self.z, self.t
+        neg = t.alloc(pre + "negsin", self.cm.rope_table_bytes() // 2, cat)
+        out = t.alloc(pre + "rot", z.A * z.c, cat)
+        self.rotate(pre, cat)
+        t.free(neg, d)
+        return out
+
+    def math_dtype(self) -> tuple[int, bool]:
+        """Bytes the math kernel computes in, and whether it upcasts (CPU, bf16/fp16 inputs)."""
+        z = self.z
+        up = z.device == "cpu" and z.c < 4
+        return (4 if up else z.c), up
+
+    def math_backward(self, pre: str, do: str, v: str, cat: str) -> tuple[str, str, str]:
+        """Autograd through SDPA's math kernel from the output cotangent: (dq, dk, dv)."""
+        z, t = self.z, self.t
+        A, BHTT, a = z.A, z.B * z.H * z.T * z.T, pre + "att."
+        mc, up = self.math_dtype()
+        if up:  # ToCopyBackward of the output cast
+            d32 = t.alloc(pre + "do32", A * 4, cat)
+            t.free(do)
+            do = d32
+        dv = t.alloc(pre + "dv_m", A * mc, cat)
+        dp = t.alloc(pre + "dp", BHTT * mc, cat)
+        t.free(do, a + ("dprobs" if z.attn_drop else "probs"), a + "v32" if up else v)
+        if z.attn_drop:
+            dp2 = t.alloc(pre + "dp_drop", BHTT * mc, cat)
+            t.free(dp, a + "anoise")
+            dp = dp2
+        ds = t.alloc(pre + "ds", BHTT * mc, cat)
+        t.free(dp, a + "probs")
+        dqs, dks = t.alloc(pre + "dqs", A * mc, cat), t.alloc(pre + "dks", A * mc, cat)
+        t.free(ds, a + "qs", a + "ks")
+        out = []
+        for n, src in (("dq", dqs), ("dk", dks), ("dv", dv)):
+            if n != "dv":  # the sqrt(scale) multiplications
+                nxt = t.alloc(pre + n + "_s", A * mc, cat)
+                t.free(src)
+                src = nxt
+            if up:  # ToCopyBackward of the input upcasts
+                nxt = t.alloc(pre + n, A * z.c, cat)
+                t.free(src)
+                src = nxt
+            out.append(src)
+        return out[0], out[1], out[2]
+
+    def attn_backward(self, pre: str, ct: str, x: str, layer: int, cat: str) -> str:
+        """Backward of a kept attention block from its output cotangent; returns dx (stream dtype)."""
+        z, t = self.z, self.t
+        A = z.A
+        ct = self.dropout_backward(pre + "drop.", ct, z.N * z.fx, cat)
+        o_in = pre + ("att.o" if z.attention == "sdpa" else "o_bthd")
+        do = self.linear_backward(pre + "proj.", ct, o_in, f"W{layer}.proj", z.d * z.fx, A, cat)
+        q, k, v, a = pre + "ropeq.rot", pre + "ropek.rot", pre + "v", pre + "att."
+        if z.attention == "sdpa":
+            dq, dk, dv = (t.alloc(pre + n, A * z.c, cat) for n in ("dq", "dk", "dv"))
+            # Both FlashAttention-2 (CUDA) and the CPU flash kernel accumulate dq in fp32.
+            acc = t.alloc(pre + "dq_acc", A * 4, cat)
+            red = t.alloc(pre + "red", (A * z.c if z.c != 4 else 0) if z.device == "cpu" else z.N * z.H * 4, cat)
+            t.free(acc, red)
+            t.free(q, k, v, a + "o", a + "lse", do)
+        elif z.attention == "math":
+            dq, dk, dv = self.math_backward(pre, do, v, cat)
+        else:
+            BHTT = z.B * z.H * z.T * z.T
+            dv = t.alloc(pre + "dv", A * z.c, cat)
+            dp = t.alloc(pre + "dp", BHTT * z.c, cat)
+            pv = a + ("dprobs" if z.attn_drop else ("probs_c" if a + "probs_c" in t.live else "probs"))
+            t.free(do, pv, v)
+            if z.attn_drop:
+                dp2 = t.alloc(pre + "dp_drop", BHTT * z.c, cat)
+                t.free(dp, a + "anoise")
+                dp = dp2
+            sm = t.live[a + "probs"][0] // BHTT
+            if sm != z.c:  # ToCopyBackward of autocast's cast of the fp32 probabilities
+                dp2 = t.alloc(pre + "dp32", BHTT * sm, cat)
+                t.free(dp)
+                dp = dp2
+            ds = t.alloc(pre + "dsm", BHTT * sm, cat)
+            t.free(a + "probs", dp)
+            dm = t.alloc(pre + "dmasked", BHTT * z.c, cat)
+            t.free(ds, a + "notmask")
+            dd = t.alloc(pre + "ddiv", BHTT * z.c, cat)
+            t.free(dm)
+            dq = t.alloc(pre + "dq", A * z.c, cat)
+            dk = t.alloc(pre + "dk", A * z.c, cat)
+            t.free(dd, q, k)
+        dq = self.rope_backward(pre + "bq.", dq, cat)
+        dk = self.rope_backward(pre + "bk.", dk, cat)
+        st = t.alloc(pre + "dqkv_stack", 3 * A * z.c, cat)  # UnbindBackward: stack(dq, dk, dv)
+        t.free(dq, dk, dv)
+        dqkv = t.alloc(pre + "dqkv", 3 * A * z.c, cat)  # view(B, T, 3, H, hd) of a permuted tensor: a copy
+        t.free(st)
+        nin = pre + "qkv.cast" if z.cast else pre + "ln"
+        dn = self.linear_backward(pre + "qkv.", dqkv, nin, f"W{layer}.qkv", 3 * z.d * z.d, A, cat)
+        dn = self.uncast(pre + "qkv.", dn, A, cat)
+        return self.ln_backward(pre, dn, x, z.N, cat, f"W{layer}.ln1")
+
+    def couple_backward(self, pre: str, dy: str, x: str, cat: str) -> tuple[str, str]:
+        """Autograd through y = coupling(x, fx), consuming dy: (dx, dfx). Additive passes dy to both
+        (autograd casts the one for fx to fx's dtype)."""
+        z, t = self.z, self.t
+        A, F = z.A, z.N * z.fx
+        if not z.affine:
+            t.hold(dy)  # dx is dy itself
+            if z.c != z.s:
+                dfx = t.alloc(pre + "dfx", F * z.c, cat)
+            else:
+                t.hold(dy)
+                dfx = dy
+            t.free(dy)
+            return dy, dfx
+        dt = t.alloc(pre + "dt", A * z.c, cat) if z.c != z.s else dy
+        if dt == dy:
+            t.hold(dy)
+        dx = t.alloc(pre + "dx", A * z.s, cat)  # dy * s
+        ds = t.alloc(pre + "ds", A * z.s, cat)  # dy * x
+        t.free(pre + "s", x)
+        if z.c != z.s:
+            dsc = t.alloc(pre + "dsc", A * z.c, cat)
+            t.free(ds)
+            ds = dsc
+        dth = t.alloc(pre + "dth", A * z.c, cat)
+        t.free(ds)
+        dr = t.alloc(pre + "dr", A * z.c, cat)
+        t.free(dth, pre + "th")
+        dfx = t.alloc(pre + "dfx", F * z.c, cat)  # SliceBackward: each half into a full-size zero tensor
+        t.free(dr)
+        t.free(t.alloc(pre + "dfx_t", F * z.c, cat), dt)  # accumulated into dfx in place
+        t.free(dy)
+        return dx, dfx
+
+    def accumulate(self, pre: str, a: str, b: str, cat: str) -> str:
+        """Autograd's InputBuffer: b added into a in place when nothing else owns a, else a new sum."""
+        t = self.t
+        if t.owners(a) == 1:
+            t.free(b)
+            return a
+        out = t.alloc(pre, self.z.A * self.z.s, cat)
+        t.free(a, b)
+        return out
+
+    # --- engine: a reverse layer's backward (engine._LayerRun.backward) -----------------------------
+    def inverse_in_place(self, pre: str, rows: int) -> None:
+        """coupling.inverse_: additive subtracts in place; affine builds s and t first (temporaries)."""
+        z, t = self.z, self.t
+        A = rows * z.d
+        if z.affine:
+            th = t.alloc(pre + "inv_th", A * z.c, "recompute")
+            cth = t.alloc(pre + "inv_cth", A * z.c, "recompute")
+            sc = t.alloc(pre + "inv_s", A * z.c, "recompute")
+            t.free(th, cth)
+            self.mixed(pre + "inv_t.", A)
+            self.mixed(pre + "inv_d.", A)
+            t.free(sc)
+        else:
+            self.mixed(pre + "inv.", A)
+
+    def coupling_vjp(self, pre: str, dy: str, rows: int) -> tuple[str, str | None]:
+        """coupling.vjp(x, fx, dy) -> (dx, dfx). Additive returns (dy, dy): nothing new."""
+        z, t = self.z, self.t
+        if not z.affine:
+            return dy, None
+        A = rows * z.d
+        th = t.alloc(pre + "vjp_th", A * z.c, "recompute")
+        t.free(t.alloc(pre + "vjp_cth", A * z.c, "recompute"))
+        sc = t.alloc(pre + "vjp_s", A * z.c, "recompute")
+        dyx = t.alloc(pre + "vjp_dyx", A * z.s, "recompute")  # dy * x
+        tmp = [t.alloc(pre + f"vjp_t{k}", A * z.c, "recompute") for k in range(2)]  # th*th, 1 - th*th
+        t.free(tmp[0])
+        sc2 = t.alloc(pre + "vjp_t2", A * z.c, "recompute")  # c * (1 - th*th)
+        t.free(tmp[1])
+        dr = t.alloc(pre + "vjp_dr", A * z.s, "recompute")
+        t.free(dyx, sc2)
+        dfx = t.alloc(pre + "vjp_dfx", rows * z.fx * z.s, "recompute")  # concat([dr, dy])
+        dx = t.alloc(pre + "vjp_dx", A * z.s, "streams")  # dy * s
+        t.free(th, sc, dr)
+        return dx, dfx
+
+    def reverse_backward(self, i: int, y1: str, y2: str, dy1: str, dy2: str, owned_y: bool,
+                         owned_dy: bool) -> tuple[str, str, str, str]:
+        """Rebuild (x1, x2) in (y1, y2)'s memory and the cotangents in (dy1, dy2)'s; returns all four."""
+        z, t = self.z, self.t
+        pre = f"L{i}.r."
+        held: list[str] = []
+        if not owned_y:  # someone else may still read the outputs: the engine works on copies (measured:
+            held = [y1, y2]  # the originals' storage stays until this layer's node returns)
+            y1 = t.alloc(pre + "y1", z.A * z.s, "streams")
+            y2 = t.alloc(pre + "y2", z.A * z.s, "streams")
+        if not owned_dy:  # cotangents from autograd: copies, the originals kept until this node returns
+            held += [dy1, dy2]
+            dy1 = t.alloc(pre + "dy1", z.A * z.s, "streams")
+            dy2 = t.alloc(pre + "dy2", z.A * z.s, "streams")
+        # G half, over the FFN's own chunks (chunked_half): G(y1) recomputed with grad per chunk.
+        rows_list = z.ffn_rows()
+        du_full = t.alloc(pre + "du_full", z.A * z.s, "recompute") if len(rows_list) > 1 else None
+        new_dy2 = None
+        for c, rows in enumerate(rows_list):
+            g = f"{pre}G{c}."
+            gy = self.ffn_transform(g, y1, True, "recompute", i, rows)  # vjp on the chunk
+            self.exit_autocast()
+            self.inverse_in_place(g, rows)  # y2 -= G(y1), in place
+            dx, dfx = self.coupling_vjp(g, dy2, rows)
+            if dfx is None:
+                dfx = dy2
+            ct = t.alloc(g + "ct", rows * z.fx * z.c, "recompute") if z.c != z.s else dfx
+            t.hold(ct)  # an argument of autograd.grad: alive until the pullback returns
+            if ct == dfx:
+                t.hold(ct)  # and the owner the block's backward consumes
+            du = self.ffn_transform_backward(g, ct, y1, i, "recompute", rows)  # the pullback
+            t.free(ct, gy, dfx if dfx != dy2 else None)  # half_backward returns: out and dbu go
+            if dx != dy2 and len(rows_list) > 1:
+                t.free(dx)  # copied into dy2's chunk
+            elif dx != dy2:
+                new_dy2 = dx  # one chunk: half_backward's dx becomes dx2; dy2 goes with the locals
+            if du_full:
+                t.free(du)  # copied into du's chunk
+        if du_full:
+            du = du_full
+        t.free(du)  # dz1 = dy1 += du, in place
+        f = pre + "F."
+        fx = self.attn_forward(f, y2, True, "recompute", i)
+        self.exit_autocast()
+        self.inverse_in_place(f, z.N)  # y1 -= F(x2), in place
+        dx1, dfx = self.coupling_vjp(f, dy1, z.N)
+        if dfx is None:
+            dfx = dy1
+        ct = t.alloc(f + "ct", z.N * z.fx * z.c, "recompute") if z.c != z.s else dfx
+        t.hold(ct)
+        if ct == dfx:
+            t.hold(ct)
+        dx2f = self.attn_backward(f, ct, y2, i, "recompute")
+        t.free(ct, fx, dfx if dfx != dy1 else None)
+        t.free(dx2f)  # dx2 += dx2_from_f, in place
+        if dx1 != dy1:  # affine: dx1 is new; backward_step returns it and dy1 goes with the locals
+            t.free(dy1)
+            dy1 = dx1
+        if new_dy2:
+            t.free(dy2)
+            dy2 = new_dy2
+        t.free(*held)
+        return y1, y2, dy1, dy2
+
+    # --- layers ---------------------------------------------------------------------------------------
+    def layer_forward(self, i: int, policy: str, x1: str, x2: str) -> tuple[str, str]:
+        """ReversibleLayer's forward_step under ``policy`` (run_layers), plus the block checkpoints."""
+        t, N = self.t, self.z.N
+        pre = f"L{i}."
+        if policy in ("reverse", "checkpoint"):
+            if policy == "checkpoint":  # torch.utils.checkpoint saves the layer's inputs, drops the rest
+                t.hold(x1, saved=True)
+                t.hold(x2, saved=True)
+            fx = self.attn_forward(pre + "F.", x2, False, "activations", i)
+            y1 = self.couple(pre + "cf.", x1, fx, False, "activations", N)
+            gy = self.ffn_forward(pre + "G.", y1, False, "activations", i)
+            return y1, self.couple(pre + "cg.", x2, gy, False, "activations", N)
+        keep_f, keep_g = policy != "recompute_attention", policy != "recompute_ffn"
+        if not keep_f:
+            t.hold(x2, saved=True)
+        fx = self.attn_forward(pre + "F.", x2, keep_f, "activations", i)
+        y1 = self.couple(pre + "cf.", x1, fx, True, "activations", N)
+        if not keep_g:
+            t.hold(y1, saved=True)
+        gy = self.ffn_forward(pre + "G.", y1, keep_g, "activations", i)
+        return y1, self.couple(pre + "cg.", x2, gy, True, "activations", N)
+
+    def store_backward(self, i: int, policy: str, x1: str, x2: str, y1: str, dy1: str,
+                       dy2: str) -> tuple[str, str]:
+        """Autograd through a stored, checkpointed or block-checkpointed layer; consumes dy, returns dx."""
+        t, N = self.t, self.z.N
+        pre = f"L{i}."
+        cat = "activations" if policy == "store" else "recompute"
+        if policy == "checkpoint":  # the first unpack recomputes the layer (early stop: not the last coupling)
+            fx = self.attn_forward(pre + "F.", x2, True, cat, i)
+            y1 = self.couple(pre + "cf.", x1, fx, True, cat, N)
+            gy = self.ffn_forward(pre + "G.", y1, True, cat, i, early_stop=True)
+            self.exit_autocast()
+            t.free(gy, y1)  # the recomputed y1 lives on as G's saved input
+        dx2, dgy = self.couple_backward(pre + "cg.", dy2, x2, cat)
+        if policy == "recompute_ffn":
+            t.free(self.ffn_forward(pre + "G.", y1, True, cat, i, early_stop=True))
+            self.exit_autocast()
+        dg = self.ffn_backward(pre + "G.", dgy, y1, i, cat)
+        if policy == "recompute_ffn":
+            t.free(y1)  # the checkpoint's saved input
+        dz1 = self.accumulate(pre + "dz1", dy1, dg, "streams")
+        dx1, dfx = self.couple_backward(pre + "cf.", dz1, x1, cat)
+        if policy == "recompute_attention":
+            t.free(self.attn_forward(pre + "F.", x2, True, cat, i))
+            self.exit_autocast()
+        df = self.attn_backward(pre + "F.", dfx, x2, i, cat)
+        if policy == "recompute_attention":
+            t.free(x2)
+        dx2 = self.accumulate(pre + "dx2", dx2, df, "streams")
+        if policy == "checkpoint":
+            t.free(x1, x2)  # the saved inputs
+        return dx1, dx2
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What one layer costs under a policy: bytes it keeps from forward to backward (beyond the other
+    layers' plan), the transient of its backward above the step's baseline, and its relative compute."""
+
+    policy: str
+    saved: int
+    transient: int
+    time: float
+
+
+class CostModel:
+    """Predicted bytes and compute of one training step of ``config`` under ``workload``.
+
+    >>> seed = ModelConfig(num_layers=24, d_model=1024, num_heads=16, d_ff=4096, vocab_size=50257)
+    >>> cm = CostModel(seed, Workload(seq_len=262144))
+    >>> round(cm.static_bytes() / 2**30, 2)   # parameters, gradients and AdamW state
+    6.04
+    """
+
+    def __init__(self, config: ModelConfig, workload: Workload | None = None, **workload_fields):
+        self.config = config
+        base = workload if workload is not None else Workload()
+        self.workload = replace(base, **workload_fields) if workload_fields else base
+        self.sizes = _sizes(config, self.workload)
+        self._memo: dict[tuple, StepMemory] = {}
+
+    def with_workload(self, **changes) -> "CostModel":
+        return CostModel(self.config, replace(self.workload, **changes))
+
+    # --- parameters and state -------------------------------------------------------------------------
+    def norm_parameter_count(self) -> int:
+        return 2 * self.config.d_model if self.config.norm == "layernorm" else self.config.d_model
+
+    def layer_parameter_count(self) -> int:
+        """qkv (3d x d), proj (fx x d), up (f or 2f x d), down (fx x f) and two norms."""
+        z = self.sizes
+        return 3 * z.d * z.d + z.fx * z.d + z.ffu * z.d + z.fx * z.ff + 2 * self.norm_parameter_count()
+
+    def parameter_count(self) -> int:
+        """Layers, token embedding, untied LM head, final norm."""
+        z = self.sizes
+        return self.config.num_layers * self.layer_parameter_count() + 2 * z.V * z.d + self.norm_parameter_count()
+
+    def parameter_bytes(self) -> int:
+        return self.parameter_count() * self.sizes.p
+
+    def gradient_bytes(self) -> int:
+        return self.parameter_count() * self.sizes.p
+
+    def optimizer_bytes(self) -> int:
+        """AdamW keeps exp_avg and exp_avg_sq shaped like each parameter; plain SGD keeps nothing."""
+        return 2 * self.parameter_bytes() if self.workload.optimizer == "adamw" else 0
+
+    def static_bytes(self) -> int:
+        """Parameters, gradients and optimizer state: alive at the end of every backward."""
+        return self.parameter_bytes() + self.gradient_bytes() + self.optimizer_bytes()
+
+    def stream_bytes(self) -> int:
+        """One stream tensor (B, T, d) in the stream dtype; the two streams and their cotangents are four."""
+        return self.sizes.A * self.sizes.s
+
+    def rope_table_bytes(self) -> int:
+        """Rotary's cached cos and sin, (T, hd/2) each in the rotation's dtype (fp32, fp64 in fp64 runs)."""
+        z = self.sizes
+        return 2 * z.T * (z.d // z.H // 2) * max(z.c, 4)
+
+    def autocast_cache_bytes(self) -> int:
+        """Autocast's compute-dtype copies of every layer weight, alive until the forward's autocast exits."""
+        z = self.sizes
+        if not z.wcast:
+            return 0
+        per_layer = self.layer_parameter_count() - 2 * self.norm_parameter_count()
+        return self.config.num_layers * per_layer * z.c
+
+    # --- the simulated step ---------------------------------------------------------------------------
+    def _plan(self, policies: Sequence[str] | str) -> list[str]:
+        if isinstance(policies, str):
+            policies = [policies] * self.config.num_layers
+        policies = list(policies)
+        if len(policies) != self.config.num_layers:
+            raise ValueError(f"got {len(policies)} policies for {self.config.num_layers} layers")
+        for p in policies:
+            if p not in PLAN_POLICIES:
+                raise ValueError(f"policy={p!r} is not one of {list(PLAN_POLICIES)}")
+        return policies
+
+    def simulate(self, policies: Sequence[str] | str, record: bool = False) -> StepMemory:
+        """Run one training step on a tape. ``policies``: one per layer, or one name for all."""
+        policies = self._plan(policies)
+        key = tuple(policies)
+        if not record and key in self._memo:
+            return self._memo[key]
+        tape = Tape(record=record)
+        st = _Step(self, tape)
+        self._step(policies, st)
+        saved = sum(tape.saved.values()) + (self.rope_table_bytes() if st.rope_saved else 0)
+        result = StepMemory(tape.peak, tape.peak_label, tape.peak_by_category, saved, tape.phase_peaks,
+                            tape.phase_starts, tape.log)
+        if not record:
+            self._memo[key] = result
+        return result
+
+    def _step(self, policies: list[str], st: _Step) -> None:
+        z, w, t = self.sizes, self.workload, st.t
+        L = self.config.num_layers
+        # Step >= 2 starts with parameters and optimizer state; zero_grad(set_to_none) left no gradients.
+        t.set_label("start")
+        t.alloc("parameters", self.parameter_bytes(), "parameters")
+        t.alloc("optimizer_state", self.optimizer_bytes(), "optimizer_state")
+        t.alloc("rope_tables", self.rope_table_bytes(), "embedding")  # cached since the first step
+        ids = t.alloc("ids", z.N * 8, "embedding")  # the caller's int64 batch
+        t.set_label("forward")
+        t.hold(ids, saved=True)  # the embedding saves the ids
+        x = t.alloc("emb", z.A * z.p, "streams")
+        if z.s != z.p:
+            t.free(x)
+            x = t.alloc("emb_s", z.A * z.s, "streams")
+        t.hold(x)  # hidden()'s locals keep it until hidden returns; run_layers' loop holds the other
+        x1 = x2 = x
+        ins, outs = [], []
+        seg_top: tuple[str, str] | None = None
+        for i, policy in enumerate(policies):
+            t.set_label(f"forward layer {i}")
+            y1, y2 = st.layer_forward(i, policy, x1, x2)
+            if policy == "reverse":  # the segment keeps its top outputs
+                t.hold(y1)
+                t.hold(y2)
+                if seg_top is not None:
+                    t.free(*seg_top)
+                seg_top = (y1, y2)
+            else:
+                seg_top = None
+            t.free(*((x1,) if x1 == x2 else (x1, x2)))  # the loop rebinds its names
+            ins.append((x1, x2))
+            outs.append((y1, y2))
+            x1, x2 = y1, y2
+        t.set_label("final norm")  # norm(y1 * 0.5 + y2 * 0.5)
+        h1, h2 = t.alloc("half1", z.A * z.s, "streams"), t.alloc("half2", z.A * z.s, "streams")
+        mean = t.alloc("mean", z.A * z.s, "streams")
+        t.free(h1, h2)
+        h = st.layer_norm("final.", mean, True, "outputs", z.N)  # returned as last_hidden_state
+        t.free(mean, x1, x2, x)  # hidden() returns
+        t.set_label("loss head forward")
+        self._loss_forward(t, h)
+        if not w.hold_outputs:
+            t.free(h)  # forward's local, unless returned (return_hidden=True) and kept by the caller
+        t.set_label("forward end")  # model(...) has returned; the caller's autocast has not exited yet
+        st.exit_autocast()  # the caller's autocast ends with the forward
+        # Backward.
+        t.forward = False
+        t.set_label("loss head backward")
+        dh2 = t.alloc("dh2", z.A * z.s, "loss_head")
+        a = max(z.c, 4)
+        dwg = t.alloc("dw_grad", z.V * z.d * a, "loss_head") if a != z.p else None  # dw * grad, then .to(p)
+        t.alloc("grad.head", z.V * z.d * z.p, "gradients")
+        t.free(dwg, "dh", "dw")
+        t.set_label("final norm backward")
+        dmean = st.ln_backward("final.", dh2, mean, z.N, "streams", "final_norm")
+        dy2 = t.alloc("dy2_top", z.A * z.s, "streams")  # each MulBackward(0.5): a buffer per stream
+        dy1 = t.alloc("dy1_top", z.A * z.s, "streams")
+        t.free(dmean)
+        above = None
+        for i in reversed(range(L)):
+            policy = policies[i]
+            t.set_label(f"backward layer {i}")
+            (x1, x2), (y1, y2) = ins[i], outs[i]
+            if policy == "reverse":
+                # hidden() passes private_outputs=True: the last segment owns its top outputs and their
+                # cotangents; a segment under a stored layer owns neither (the engine copies them).
+                owned = above in ("reverse", None)
+                r1, r2, dy1, dy2 = st.reverse_backward(i, y1, y2, dy1, dy2, owned_y=owned, owned_dy=owned)
+                if i > 0 and policies[i - 1] == "reverse":
+                    outs[i - 1] = (r1, r2)  # the segment hands the rebuilt inputs down
+                else:
+                    t.free(r1, r2)
+            else:
+                dy1, dy2 = st.store_backward(i, policy, x1, x2, y1, dy1, dy2)
+            above = policy
+        t.set_label("embedding backward")
+        demb = st.accumulate("demb", dy1, dy2, "embedding") if dy1 != dy2 else dy1
+        if z.s != z.p:
+            d2 = t.alloc("demb_p", z.A * z.p, "embedding")
+            t.free(demb)
+            demb = d2
+        t.alloc("grad.embed", z.V * z.d * z.p, "gradients")
+        t.free(demb, ids)
+        t.set_label("optimizer step")  # fused AdamW and SGD update in place: no step temporaries
+        t.free(h)
+
+    def _loss_forward(self, t: Tape, h: str) -> None:
+        """_ChunkedLinearCrossEntropy.forward: keeps dh (N, d) and dW (V, d) in the accumulation dtype (fp32,
+        fp64 in fp64 runs); logits chunk by chunk.
+
+        The loop's names (g, gc, lse) are rebound per chunk, so the previous chunk's g and gc are still
+        alive while the next chunk's logits are computed: the steady state holds two chunks' worth.
+        """
+        z = self.sizes
+        a = max(z.c, 4)  # promote_types(compute dtype, fp32)
+        valid = t.alloc("valid", z.N, "loss_head")
+        dh = t.alloc("dh", z.A * z.s, "loss_head", saved=True)
+        dw = t.alloc("dw", z.V * z.d * a, "loss_head", saved=True)
+        w = t.alloc("head_w_c", z.V * z.d * z.c, "loss_head") if z.c != z.p else None
+        n = min(z.head_chunk, z.N)
+        chunks = math.ceil(z.N / n)
+        prev: list[str | None] = []
+        for k in range(min(chunks, 2)):  # the second chunk shows the steady state
+            p = f"head{k}."
+            hc = t.alloc(p + "hc", n * z.d * z.c, "loss_head") if z.c != z.s else None
+            lg = t.alloc(p + "logits_c", n * z.V * z.c, "loss_head")
+            t.free(hc)
+            if z.c != a:
+                lga = t.alloc(p + "logits", n * z.V * a, "loss_head")
+                t.free(lg)
+                lg = lga
+            # logsumexp: exp(logits - max) and its sum: two (n, V) temporaries.
+            t.free(t.alloc(p + "lse_a", n * z.V * a, "loss_head"), t.alloc(p + "lse_b", n * z.V * a, "loss_head"))
+            lse = t.alloc(p + "lse", n * a, "loss_head")
+            sub = t.alloc(p + "sub", n * z.V * a, "loss_head")
+            g = t.alloc(p + "g", n * z.V * a, "loss_head")
+            t.free(sub)
+            t.free(*(prev[0:1]))  # rebinding g frees the previous chunk's
+            t.free(lg)  # del logits
+            gc = t.alloc(p + "gc", n * z.V * z.c, "loss_head") if z.c != a else None
+            t.free(*(prev[1:3]))  # the previous gc and lse
+            mm = t.alloc(p + "dh_mm", n * z.d * z.c, "loss_head")  # (gc @ w), then .to(h.dtype)
+            t.free(t.alloc(p + "dh_s", n * z.d * z.s, "loss_head") if z.c != z.s else None, mm)
+            hc2 = t.alloc(p + "hc2", n * z.d * z.c, "loss_head") if z.c != z.s else None
+            dwc = t.alloc(p + "dw_c", z.V * z.d * z.c, "loss_head")  # gc.T @ hc, then .to(acc)
+            dwa = t.alloc(p + "dw_a", z.V * z.d * a, "loss_head") if z.c != a else None
+            t.free(dwc, dwa, hc2)
+            prev = [g, gc, lse]
+        t.free(*prev, valid, w, dh, dw)  # locals go when forward returns; ctx keeps dh, dW
+
+    # --- what the planner and the tests ask -----------------------------------------------------------
+    def saved_bytes(self, policies: Sequence[str] | str) -> int:
+        """What autograd saves in the forward (parameters excluded): ``saved_tensor_bytes``'s measure."""
+        return self.simulate(policies).saved_bytes
+
+    def peak_bytes(self, policies: Sequence[str] | str) -> int:
+        """Peak allocated bytes of a training step (step >= 2: optimizer state exists)."""
+        return self.simulate(policies).peak
+
+    def layer_saved_bytes(self, policy: str) -> int:
+        """Bytes one middle layer adds to the saved set under ``policy`` when its neighbours reverse."""
+        L = self.config.num_layers
+        base = ["reverse"] * L
+        plan = list(base)
+        plan[L // 2] = policy
+        return self.saved_bytes(plan) - self.saved_bytes(base)
+
+    def layer_transient_bytes(self, policy: str = "reverse") -> int:
+        """Bytes the backward of one middle layer under ``policy`` adds above what was alive when it began
+        (its recompute, the rebuilt streams' copies, the gradient temporaries)."""
+        L = self.config.num_layers
+        plan = ["reverse"] * L
+        plan[L // 2] = policy
+        return self.simulate(plan).transient(f"backward layer {L // 2}")
+
+    def components(self, policies: Sequence[str] | str = "reverse") -> dict[str, int]:
+        """The pieces of a step's memory, in bytes: fixed costs, streams, what one layer keeps and needs under
+        each policy, the loss head's forward, the embedding, autocast's weight cache, and the plan's peak."""
+        z = self.sizes
+        sim = self.simulate(policies)
+        out = {
+            "parameters": self.parameter_bytes(),
+            "gradients": self.gradient_bytes(),
+            "optimizer_state": self.optimizer_bytes(),
+            "streams_and_grads": 4 * self.stream_bytes(),
+            "loss_head": sim.transient("loss head forward"),
+            "embedding": z.N * 8 + z.A * z.s + self.rope_table_bytes(),  # ids, the streams' start, rotary
+            "autocast_cache": self.autocast_cache_bytes(),
+            "peak": sim.peak,
+        }
+        for p in ("store", "reverse", "checkpoint"):
+            out[f"layer_saved_{p}"] = self.layer_saved_bytes(p)
+            out[f"layer_transient_{p}"] = self.layer_transient_bytes(p)
+        return out
+
+    def layer_cost(self, policy: str) -> LayerCost:
+        return LayerCost(policy, self.layer_saved_bytes(policy), self.layer_transient_bytes(policy),
+                         self.layer_time(policy))
+
+    # --- compute --------------------------------------------------------------------------------------
+    def block_flops(self) -> dict[str, float]:
+        """Forward FLOPs of one layer's blocks, 2 per multiply-add: the attention block's matmuls and its
+        causal attention (QK^T and PV over half the scores), and the FFN's two matmuls."""
+        z = self.sizes
+        return {"attention_matmuls": 2.0 * z.N * z.d * (3 * z.d + z.fx),
+                "attention_core": 2.0 * z.B * z.T * z.T * z.d,
+                "ffn": 2.0 * z.N * z.d * z.ffu + 2.0 * z.N * z.ff * z.fx}
+
+    def layer_time(self, policy: str) -> float:
+        """FLOPs of one layer's forward + backward under ``policy``: backward is 2x the matmuls and 2.5x the
+        fused attention core; recomputing a block adds its forward once more."""
+        f = self.block_flops()
+        attn = f["attention_matmuls"] + f["attention_core"]
+        base = 3 * (f["attention_matmuls"] + f["ffn"]) + 3.5 * f["attention_core"]
+        extra = {"store": 0.0, "reverse": attn + f["ffn"], "checkpoint": attn + f["ffn"],
+                 "recompute_attention": attn, "recompute_ffn": f["ffn"]}
+        return base + extra[policy]
+
+    def head_time(self) -> float:
+        """The chunked loss head computes logits, dh and dW in the forward: three (N, d, V) matmuls."""
+        z = self.sizes
+        return 6.0 * z.N * z.d * z.V
+
+    def step_time(self, policies: Sequence[str] | str) -> float:
+        """Step FLOPs of a plan (layers and loss head); compare plans by ratio."""
+        return sum(self.layer_time(p) for p in self._plan(policies)) + self.head_time()
+
+    def relative_step_time(self, policies: Sequence[str] | str) -> float:
+        """Step compute relative to storing every layer (1.0: no recompute)."""
+        return self.step_time(policies) / self.step_time("store")
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'; binary units."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def plan_summary(policies: Iterable[str]) -> str:
+    """'store x6, reverse x18': a plan in layer order, runs collapsed."""
+    out: list[list] = []
+    for p in policies:
+        if out and out[-1][0] == p:
+            out[-1][1] += 1
+        else:
+            out.append([p, 1])
+    return ", ".join(f"{p} x{n}" for p, n in out)

@@ -1,0 +1,136 @@
+"""The cost model's arithmetic, framework-free: the seed model's fixed costs, the per-layer formulas, how bytes
+scale with depth and length, and relative compute. (That the predictions match what torch actually saves
+and allocates is tested in tests/torch/test_scheduler.py and test_profiler.py.)"""
+
+import subprocess
+import sys
+
+import pytest
+
+from revnet_core import ModelConfig
+from revnet_core.cost_model import GiB, CostModel, Workload, format_bytes, plan_summary
+
+SEED = ModelConfig(num_layers=24, d_model=1024, num_heads=16, d_ff=4096, vocab_size=50257, max_seq_len=262144)
+
+
+def test_cost_model_imports_no_framework():
+    code = ("import sys, revnet_core.cost_model, revnet_core.planner, revnet_core.advisor; "
+            "print(sorted(m for m in ('torch', 'jax', 'numba', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_seed_fixed_costs_match_the_floor_arithmetic():
+    """MEASURING.md: at 256k tokens, parameters + gradients + AdamW = 6.0 GiB; two fp32 streams and their
+    gradients = 4.0 GiB."""
+    cm = CostModel(SEED, Workload(seq_len=262144))
+    d, V, f, L = 1024, 50257, 4096, 24
+    per_layer = 3 * d * d + d * d + d * f + f * d + 4 * d  # qkv, proj, up, down, two LayerNorms
+    assert cm.parameter_count() == L * per_layer + 2 * V * d + 2 * d
+    assert cm.static_bytes() / GiB == pytest.approx(6.04, abs=0.01)
+    assert 4 * cm.stream_bytes() == 4 * GiB
+    assert cm.autocast_cache_bytes() / GiB == pytest.approx(0.5625, abs=1e-3)  # bf16 copies of layer weights
+
+
+def store_layer_formula(cfg: ModelConfig, w: Workload) -> int:
+    """What autograd saves for one stored middle layer (additive coupling, GELU, fused attention), written
+    out by hand from blocks.py; the rotary tables are shared and counted once elsewhere."""
+    N, d, H, f = w.batch * w.seq_len, cfg.d_model, cfg.num_heads, cfg.ffn_dim
+    s = 4
+    c = 2 if w.autocast_dtype else 4
+    weights = (3 * d * d + d * d + d * f + f * d) * c if w.autocast_dtype else 0
+    attention = (N * d * s + 2 * N * 4 + N * d * c  # input x2, LN mean/rstd, qkv's (cast) input
+                 + 3 * N * d * c + N * d * c + N * H * 4)  # rope(q), rope(k), v; output (= proj input); lse
+    ffn = N * d * s + 2 * N * 4 + N * d * c + 2 * N * f * c  # y1, LN stats, up's input, GELU in and out
+    return attention + ffn + weights
+
+
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+@pytest.mark.parametrize("T", [64, 1000])
+def test_store_layer_bytes_follow_the_formula(autocast, T):
+    cfg = ModelConfig(num_layers=4, d_model=64, num_heads=4, d_ff=96, vocab_size=100, max_seq_len=4096)
+    w = Workload(batch=2, seq_len=T, autocast_dtype=autocast, device="cpu")
+    cm = CostModel(cfg, w)
+    rope = cm.rope_table_bytes()  # counted once, with the first stored layer
+    assert cm.layer_saved_bytes("store") == store_layer_formula(cfg, w) + rope
+    assert cm.layer_saved_bytes("reverse") == 0
+    assert cm.layer_saved_bytes("checkpoint") == 2 * cm.stream_bytes()  # its two inputs
+
+
+def test_saved_bytes_flat_in_depth_under_reverse_and_linear_under_store():
+    w = Workload(batch=1, seq_len=256, device="cpu", autocast_dtype=None)
+    saved = {L: {p: CostModel(ModelConfig(num_layers=L, d_model=32, num_heads=2), w).saved_bytes(p)
+                 for p in ("reverse", "store", "checkpoint")} for L in (2, 4, 8)}
+    assert saved[2]["reverse"] == saved[8]["reverse"]
+    for p in ("store", "checkpoint"):
+        assert saved[8][p] - saved[4][p] == 2 * (saved[4][p] - saved[2][p]) > 0
+
+
+def test_peaks_order_and_grow_with_length():
+    peaks = {}
+    for T in (8192, 65536):
+        cm = CostModel(SEED, Workload(seq_len=T))
+        peaks[T] = {p: cm.peak_bytes(p) for p in ("reverse", "checkpoint", "store")}
+        assert peaks[T]["reverse"] < peaks[T]["checkpoint"] < peaks[T]["store"]
+    assert peaks[65536]["store"] > 4 * peaks[8192]["store"] - 4 * CostModel(SEED, Workload()).static_bytes()
+    assert peaks[65536]["reverse"] - peaks[8192]["reverse"] < (peaks[65536]["store"] - peaks[8192]["store"]) / 10
+
+
+def test_components_name_every_piece():
+    cm = CostModel(SEED, Workload(seq_len=262144))
+    c = cm.components("reverse")
+    assert c["streams_and_grads"] == 4 * GiB and c["peak"] == cm.peak_bytes("reverse")
+    assert c["layer_saved_reverse"] == 0 < c["layer_saved_checkpoint"] < c["layer_saved_store"]
+    assert c["layer_transient_store"] < c["layer_transient_reverse"] < c["layer_transient_checkpoint"]
+    dh, dw = cm.stream_bytes(), 50257 * 1024 * 4
+    assert dh + dw < c["loss_head"] < dh + dw + GiB and c["embedding"] > 0  # plus a chunk or two of logits
+    assert c["parameters"] + c["gradients"] + c["optimizer_state"] == cm.static_bytes()
+
+
+def test_breakdown_sums_to_the_peak_and_names_the_phase():
+    sm = CostModel(SEED, Workload(seq_len=65536)).simulate("reverse")
+    assert sum(sm.breakdown.values()) == sm.peak
+    assert sm.phase.startswith("backward layer")
+    assert sm.breakdown["parameters"] > 0 and sm.breakdown["optimizer_state"] > 0
+    assert "peak" in sm.summary() and "GiB" in sm.summary()
+
+
+def test_relative_compute_one_extra_forward():
+    cm = CostModel(SEED, Workload(seq_len=32768))
+    f = cm.block_flops()
+    fwd = sum(f.values())
+    assert cm.layer_time("reverse") - cm.layer_time("store") == pytest.approx(fwd)
+    assert cm.layer_time("checkpoint") == cm.layer_time("reverse")
+    assert cm.layer_time("recompute_ffn") - cm.layer_time("store") == pytest.approx(f["ffn"])
+    assert cm.relative_step_time("store") == 1.0
+    assert 1.2 < cm.relative_step_time("reverse") < 1.34  # one more forward: ~25-33% of a step
+
+
+def test_optimizer_and_dtype_change_the_static_bytes():
+    cfg = ModelConfig(num_layers=2, d_model=32, num_heads=2)
+    adam = CostModel(cfg, Workload(optimizer="adamw"))
+    sgd = CostModel(cfg, Workload(optimizer="sgd"))
+    fp64 = CostModel(cfg, Workload(optimizer="sgd", param_dtype="float64", autocast_dtype=None))
+    assert adam.static_bytes() - sgd.static_bytes() == 2 * adam.parameter_bytes()
+    assert fp64.static_bytes() == 2 * sgd.static_bytes()
+    assert fp64.stream_bytes() == 2 * sgd.stream_bytes()  # streams are never below the parameters' dtype
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(batch=0), "batch=0"), (dict(seq_len=-1), "seq_len"), (dict(param_dtype="int8"), "param_dtype"),
+    (dict(autocast_dtype="float32"), "autocast_dtype"), (dict(device="tpu"), "device"),
+    (dict(attention="flash3"), "attention"), (dict(optimizer="lion"), "optimizer"),
+])
+def test_workload_errors_name_the_field(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Workload(**bad)
+
+
+def test_plan_errors_and_helpers():
+    cm = CostModel(ModelConfig(num_layers=3, d_model=32, num_heads=2), Workload(seq_len=64))
+    with pytest.raises(ValueError, match="got 2 policies for 3 layers"):
+        cm.peak_bytes(["store", "store"])
+    with pytest.raises(ValueError, match="policy='fast'"):
+        cm.peak_bytes(["store", "fast", "reverse"])
+    assert plan_summary(["store", "store", "reverse"]) == "store x2, reverse x1"
+    assert format_bytes(1536) == "1.50 KiB" and format_bytes(3 * GiB) == "3.00 GiB"
