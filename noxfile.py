@@ -22,8 +22,10 @@ def core(session):
 
 @nox.session
 def torch(session):
-    """The PyTorch backend: engine gradients, memory accounting, model, errors; and the README's examples."""
-    session.run("python", "-m", "pytest", "tests/torch", "tests/test_docs.py", *session.posargs)
+    """The PyTorch backend: engine gradients, memory accounting, model, errors; the user's namespace
+    (revnet_zero) and its README examples; the README's own examples."""
+    session.run("python", "-m", "pytest", "tests/torch", "tests/revnet_zero", "tests/test_docs.py",
+                "--ignore=tests/revnet_zero/test_readme_jax.py", *session.posargs)
 
 
 @nox.session
@@ -42,7 +44,7 @@ def plugins(session):
 def jax(session):
     """The JAX backend in its own process (jax_enable_x64 is process-wide): reversible gradients against
     plain autodiff in float64, compiled memory flat in depth, weights and losses shared with torch."""
-    session.run("python", "-m", "pytest", "tests/jax", *session.posargs,
+    session.run("python", "-m", "pytest", "tests/jax", "tests/revnet_zero/test_readme_jax.py", *session.posargs,
                 env={"JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"})
 
 

@@ -6,7 +6,7 @@ plugin registry. Imports no framework: backends are found through entry points w
 
 from .build import build, resolve_coupling
 from .config import ModelConfig
-from .couplings import AdditiveCoupling, AffineCoupling, BaseCoupling
+from .couplings import AdditiveCoupling, AffineCoupling, BaseCoupling, CouplingType
 from .errors import ConfigError, InputError, ReversibilityError, RevNetError, UnknownNameError
 from .hookspecs import hookimpl
 from .sweep import LayerSpec, backward_step, forward_step, inverse_step
@@ -18,6 +18,7 @@ __all__ = [
     "AffineCoupling",
     "BaseCoupling",
     "ConfigError",
+    "CouplingType",
     "InputError",
     "LayerSpec",
     "ModelConfig",

@@ -13,6 +13,8 @@ Contract (``BaseCoupling``)::
 
 from __future__ import annotations
 
+from enum import Enum
+
 from array_api_compat import array_namespace
 
 
@@ -118,3 +120,14 @@ class AffineCoupling(BaseCoupling):
 
     def __repr__(self) -> str:
         return f"AffineCoupling(split_dim={self.split_dim}, scale_init={self.scale_init})"
+
+
+class CouplingType(str, Enum):
+    """The built-in couplings by registered name; a ``str`` so it goes wherever a coupling name does
+    (``ModelConfig(coupling=CouplingType.AFFINE)``, ``ReversibleAttention(..., coupling=CouplingType.ADDITIVE)``)."""
+
+    ADDITIVE = "additive"
+    AFFINE = "affine"
+
+    def __str__(self) -> str:  # f-strings and file names show the registered name, as a user types it
+        return self.value

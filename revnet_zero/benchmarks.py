@@ -1,0 +1,5 @@
+"""Benchmarks against baselines run in the same process: ``BenchmarkSuite().run(models=..., ...)``."""
+
+from revnet_torch.bench import BenchmarkSuite
+
+__all__ = ["BenchmarkSuite"]
