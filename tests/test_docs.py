@@ -1,6 +1,8 @@
-"""Every python code block of the README and docs/architecture.md runs; the quick start's commands exist.
+"""Every python code block of the README, docs/architecture.md and docs/memory.md runs; the quick start's
+commands exist.
 
-(docs/training.md and docs/plugins.md are executed by their own tests.) The quick start's ``nox`` is not run
+(docs/training.md, plugins.md, api.md and benchmarks.md are executed by their own tests, docs/jax.md by the
+jax session's.) The quick start's ``nox`` is not run
 from here: the test suite is what it runs.
 """
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "docs" / "architecture.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "architecture.md", ROOT / "docs" / "memory.md"]
 
 
 def blocks(path: Path, lang: str) -> list[str]:
