@@ -7,7 +7,7 @@ implementation serves this device, dtype and shape: Triton on CUDA/ROCm, the ref
 Exports load on first access: importing this package imports neither torch nor triton.
 """
 
-import importlib
+from revnet_core.lazy import lazy_exports
 
 _EXPORTS = {
     "attention": ".attn",
@@ -28,13 +28,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

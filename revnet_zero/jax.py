@@ -1,7 +1,7 @@
 """The JAX implementation (``revnet_jax``): ``ReversibleTransformerJAX`` with ``init``/``apply``, and
 ``JAXMemoryScheduler``. Loaded on first access: importing this module does not import jax."""
 
-import importlib
+from revnet_core.lazy import lazy_exports
 
 _EXPORTS = {
     "ReversibleTransformerJAX": "revnet_jax.model",
@@ -9,13 +9,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -3,7 +3,7 @@
 Exports load on first access, so discovering the backend (``revnet_jax.plugin``) does not import jax.
 """
 
-import importlib
+from revnet_core.lazy import lazy_exports
 
 _EXPORTS = {
     "ModelOutput": ".model",
@@ -21,9 +21,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
