@@ -70,6 +70,8 @@ class TrainSettings:
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 turns clipping off")
     precision: str = _opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
     policy: str = _opt("reverse", "memory policy: reverse | store | checkpoint, or one per layer, comma-separated")
+    scheduler: str | None = _opt(None, "memory scheduler strategy that picks the policies at every forward "
+                                 "(overrides --policy)", kind=str, choices=("adaptive", "aggressive", "balanced"))
     task: str = _opt("lm", "lm: byte-level language modelling; passkey: synthetic long-range retrieval",
                      choices=("lm", "passkey"))
     passkey_digits: int = _opt(5, "digits of the passkey (--task passkey)")

@@ -380,6 +380,7 @@ class LongContextTrainer:
             "peak_mem_bytes": peak, "mem_kind": self._mem_kind(), "paths": paths,
             "device": _device_name(self.device), "precision": "bf16" if self.amp_dtype else "fp32",
             "data": data.identity,
+            "policies": _last_policies(self.model),
         }
         if self.out_dir is not None:
             result = {**summary, "environment": environment(self.device), "config": self.config.to_dict(),
@@ -698,6 +699,14 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
 
 
+def _last_policies(model) -> list[str]:
+    """The per-layer policies of the last forward: an attached scheduler's plan (it restores the model's
+    defaults after each forward), else the model's own."""
+    scheduler = model.__dict__.get("_revnet_scheduler")  # set by model.set_scheduler (revnet_torch.scheduler)
+    plan = scheduler.plan if scheduler is not None else None
+    return list(plan.policies) if plan is not None else list(getattr(model, "policies", []))
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
@@ -714,6 +723,10 @@ def run(settings, data: TrainingData) -> dict[str, Any]:
     model = revnet_core.build(settings.backend, config=settings.model_config())
     if settings.policies:
         model.set_policy(settings.policies)
+    if settings.scheduler:
+        from .scheduler import MemoryScheduler
+
+        model.set_scheduler(MemoryScheduler(model=model, strategy=settings.scheduler))
     trainer = LongContextTrainer(
         model, max_length=settings.seq_len, gradient_accumulation_steps=settings.grad_accum, lr=settings.lr,
         warmup_steps=settings.warmup, min_lr_ratio=settings.min_lr_ratio, max_grad_norm=settings.clip_norm,

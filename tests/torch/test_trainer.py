@@ -174,6 +174,18 @@ def test_cli_train_writes_log_plot_checkpoint_and_result(tmp_path, capsys):
     assert result["environment"]["python"] and result["eval"]["eval_bits_per_byte"] > 0
 
 
+def test_cli_scheduler_strategy_picks_the_policies(tmp_path, capsys):
+    """--scheduler overrides --policy: 'aggressive' reverses every layer although --policy asks to store."""
+    out = tmp_path / "run"
+    code = main(["train", "--size", "tiny", "--layers", "3", "--d-model", "32", "--seq-len", "32", "--steps", "2",
+                 "--batch-size", "2", "--eval-windows", "2", "--out", str(out), "--no-progress", "--no-plot",
+                 "--policy", "store", "--scheduler", "aggressive"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["policies"] == ["reverse"] * 3
+    assert main(["train", "--scheduler", "greedy"]) == 2
+    assert "scheduler" in capsys.readouterr().err
+
+
 def test_cli_passkey_task_reports_accuracy(tmp_path, capsys):
     out = tmp_path / "pk"
     code = main(["train", "--task", "passkey", "--size", "tiny", "--seq-len", "128", "--steps", "3",
