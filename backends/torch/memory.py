@@ -46,7 +46,9 @@ def live_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> int:
     skip = {_storage_key(t)[0] for t in exclude}
     seen: dict = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and type(obj) is not torch.nn.Parameter and obj.numel():
+        # Plain tensors only: parameters are excluded by design, and tensor subclasses such as the fake and
+        # functional tensors torch.compile's tracing leaves behind own no memory of their own.
+        if type(obj) is torch.Tensor and obj.numel():
             key, nbytes = _storage_key(obj)
             if key not in skip:
                 seen[key] = nbytes

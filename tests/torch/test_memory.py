@@ -47,3 +47,15 @@ def test_live_bytes_after_forward_flat_in_depth_under_reverse():
     """Counts tensors stashed on ctx or in Python objects too, not only what autograd saves."""
     assert live_after_forward(2, "reverse") == live_after_forward(16, "reverse")
     assert live_after_forward(16, "store") > live_after_forward(2, "store")
+
+
+def test_live_bytes_ignores_fake_tensors_left_by_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    base = live_tensor_bytes()
+    with FakeTensorMode():
+        fake = torch.empty(1000, requires_grad=True)  # alive in gc while we count, owns no memory
+    assert live_tensor_bytes() == base
+    real = torch.empty(1000)
+    assert live_tensor_bytes() - base == real.untyped_storage().nbytes()
+    del fake
