@@ -23,7 +23,8 @@ def blocks(path: Path, lang: str) -> list[str]:
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
-def test_python_blocks_run(path):
+def test_python_blocks_run(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write files write them here, not into the checkout
     for code in blocks(path, "python"):
         exec(compile(code, str(path), "exec"), {"__name__": "__doc_example__"})
 
