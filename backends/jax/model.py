@@ -12,6 +12,7 @@ import numpy as np
 
 from revnet_core.config import POLICIES, ModelConfig
 from revnet_core.errors import ConfigError, InputError
+from revnet_core.inputs import check_id_range, check_length
 
 from .blocks import init_norm, norm
 from .engine import run_layers
@@ -188,11 +189,7 @@ class ReversibleTransformerJAX:
                                  f"{self.config.d_model}) or (seq, {self.config.d_model}), got {tuple(inputs.shape)}")
         else:
             raise InputError(f"{what} must hold integer token ids or float embeddings, got dtype {dtype}")
-        T = inputs.shape[1]
-        if T == 0:
-            raise InputError(f"{what} is empty: need at least one token")
-        if T > self.config.max_seq_len:
-            raise InputError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        check_length(inputs.shape[1], self.config.max_seq_len, what)
         if jnp.issubdtype(dtype, jnp.integer):
             self._check_range(inputs, what)
         return inputs
@@ -202,10 +199,8 @@ class ReversibleTransformerJAX:
             return  # under jit: out-of-range ids give NaN embeddings / loss instead (see ``embed``)
         a = np.asarray(ids)
         real = a[a != IGNORE_INDEX] if allow_ignore else a
-        V = self.config.vocab_size
-        if real.size and (int(real.min()) < 0 or int(real.max()) >= V):
-            raise InputError(f"{what} out of range: ids must lie in [0, {V}), got [{int(real.min())}, "
-                             f"{int(real.max())}]")
+        if real.size:
+            check_id_range(int(real.min()), int(real.max()), self.config.vocab_size, what)
 
     def _check_labels(self, labels, inputs):
         if not isinstance(labels, (jax.Array, np.ndarray)) or not jnp.issubdtype(labels.dtype, jnp.integer):

@@ -10,6 +10,7 @@ from torch import nn
 
 from revnet_core.config import POLICIES, ModelConfig
 from revnet_core.errors import ConfigError, InputError
+from revnet_core.inputs import check_id_range, check_length
 
 from .blocks import Rotary, make_norm
 from .engine import run_layers
@@ -95,20 +96,13 @@ class ReversibleTransformer(nn.Module):
             ids = ids[None]
         if ids.dim() != 2:
             raise InputError(f"{what} must have shape (batch, seq) or (seq,), got {tuple(ids.shape)}")
-        T = ids.shape[1]
-        if T == 0:
-            raise InputError(f"{what} is empty: need at least one token")
-        if T > self.config.max_seq_len:
-            raise InputError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        check_length(ids.shape[1], self.config.max_seq_len, what)
         return ids
 
     def _check_range(self, ids: torch.Tensor, what: str, allow_ignore: bool = False) -> None:
         real = ids[ids != IGNORE_INDEX] if allow_ignore else ids
-        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.vocab_size):
-            raise InputError(
-                f"{what} out of range: ids must lie in [0, {self.config.vocab_size}), got "
-                f"[{int(real.min())}, {int(real.max())}]"
-            )
+        if real.numel():
+            check_id_range(int(real.min()), int(real.max()), self.config.vocab_size, what)
 
     def streams(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both streams start from the embedding: (B, T) ids -> two (B, T, d) tensors in the stream dtype."""
