@@ -27,18 +27,16 @@ def measure(depth: int, seq: int, d_model: int, heads: int, autocast: bool, devi
             if name.endswith(("proj.weight", "down.weight")):
                 p.mul_(trained_scale)
     x = model.embed(torch.randint(0, 256, (1, seq), device=device)).float() * 10
-    per_depth = []
     with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
         y1, y2 = x, x
         for layer in model.layers:
             y1, y2 = layer(y1, y2)
         out_scale = max(y1.abs().max().item(), y2.abs().max().item())
-        for k, layer in enumerate(reversed(model.layers), 1):
+        for layer in reversed(model.layers):
             y1, y2 = layer.inverse(y1, y2)
         err = max((y1 - x).abs().max().item(), (y2 - x).abs().max().item())
-        per_depth.append({"depth": depth, "max_abs_error": err, "input_max": x.abs().max().item(),
-                          "output_max": out_scale, "relative_error": err / x.abs().max().item()})
-    return per_depth
+    return {"depth": depth, "max_abs_error": err, "input_max": x.abs().max().item(), "output_max": out_scale,
+            "relative_error": err / x.abs().max().item()}
 
 
 def main(argv=None) -> int:
@@ -54,11 +52,11 @@ def main(argv=None) -> int:
     rows = []
     for autocast in (True, False):
         for depth in [int(d) for d in args.depths.split(",")]:
-            for r in measure(depth, args.seq, args.d_model, args.heads, autocast, args.device, args.trained_scale):
-                r["autocast_bf16"] = autocast
-                rows.append(r)
-                print(f"depth {r['depth']:>4} bf16-autocast={autocast!s:>5}  max|x - x_rebuilt| = "
-                      f"{r['max_abs_error']:.3e}  (|x|max {r['input_max']:.2f}, rel {r['relative_error']:.2e})")
+            r = measure(depth, args.seq, args.d_model, args.heads, autocast, args.device, args.trained_scale)
+            r["autocast_bf16"] = autocast
+            rows.append(r)
+            print(f"depth {r['depth']:>4} bf16-autocast={autocast!s:>5}  max|x - x_rebuilt| = "
+                  f"{r['max_abs_error']:.3e}  (|x|max {r['input_max']:.2f}, rel {r['relative_error']:.2e})")
     if args.out:
         import torch
 

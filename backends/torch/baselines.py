@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from revnet_core.config import ModelConfig
 
 from .blocks import AttentionBlock, FeedForwardBlock, Rotary, make_norm
-from .model import ModelOutput, ReversibleTransformer
+from .model import ModelOutput, init_weights
 from .loss import chunked_lm_loss, shift_targets
 
 MEMORY_MODES = ("store", "checkpoint", "offload")
@@ -54,7 +54,7 @@ class PlainGPT(nn.Module):
         self.layers = nn.ModuleList(PlainLayer(config, self.rotary) for _ in range(config.num_layers))
         self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        ReversibleTransformer._init_weights(self)  # same initialisation rule
+        init_weights(self, config)  # the same rule as the reversible model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 return_logits: bool = False) -> ModelOutput:

@@ -20,6 +20,15 @@ from .loss import IGNORE_INDEX, chunked_lm_loss, shift_targets
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def init_weights(model: nn.Module, config: ModelConfig) -> None:
+    """GPT-2's rule: matrices ~ N(0, init_std); projections into a stream scaled down with depth (2 per layer)."""
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue
+        scale = (2 * config.num_layers) ** -0.5 if name.endswith(("proj.weight", "down.weight")) else 1.0
+        nn.init.normal_(p, mean=0.0, std=config.init_std * scale)
+
+
 @dataclass
 class ModelOutput:
     """loss: scalar fp32 (None without targets); logits: (B, T, V) only if asked; last_hidden_state: (B, T, d)."""
@@ -50,16 +59,7 @@ class ReversibleTransformer(nn.Module):
         self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.policies: list[str] = [config.policy] * config.num_layers
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        std = self.config.init_std
-        for name, p in self.named_parameters():
-            if p.dim() < 2:
-                continue
-            # GPT-2: projections into a stream scaled down with depth (2 couplings per layer).
-            scale = (2 * self.config.num_layers) ** -0.5 if name.endswith(("proj.weight", "down.weight")) else 1.0
-            nn.init.normal_(p, mean=0.0, std=std * scale)
+        init_weights(self, config)
 
     # --- policies -------------------------------------------------------------------------------------
     def set_policy(self, policy: str | Sequence[str]) -> None:
