@@ -322,6 +322,16 @@ def main(argv=None) -> int:
     result = {"environment": environment(device), "config": config, "attention_kernels": attention_kernels(device),
               "lengths": [], "frontier": {}, "half_plain": {}}
     cuda = device == "cuda"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = args.out or os.path.join(root, "runs/scheduler_frontier_tiny.json" if args.tiny else
+                                   "docs/benchmarks/scheduler_frontier.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def save():
+        """Rewritten after every cell (atomically), so a run cut short by a time limit keeps what it measured."""
+        with open(out + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(out + ".tmp", out)
 
     def show(spec, row):
         label = _label(spec)
@@ -337,6 +347,7 @@ def main(argv=None) -> int:
             txt = f"peak {peak:8.3f} {unit}" + (f" (predicted {pred:8.3f}, {pred / peak:5.3f}x)" if pred else "") + \
                 f"  step {row['step_s_median']:.3f} s"
         print(f"{spec['seq']:>7} {label:<34} {txt}", flush=True)
+        save()
 
     layers = config["num_layers"]
     for seq in [int(s) for s in args.lengths.split(",") if s]:
@@ -381,12 +392,7 @@ def main(argv=None) -> int:
             row.update({k: v for k, v in spec.items() if k not in ("config", "device")}, label=_label(spec))
             rows.append(row)
             show(spec, row)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = args.out or os.path.join(root, "runs/scheduler_frontier_tiny.json" if args.tiny else
-                                   "docs/benchmarks/scheduler_frontier.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    save()
     png = os.path.splitext(out)[0] + ".png"
     plot(result, png)
     print(f"wrote {out} and {png}")

@@ -425,7 +425,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = suite.run(models={m: m for m in models}, sequence_lengths=lengths, batch_sizes=batches,
                         metrics=metrics, steps=args.steps, warmup=args.warmup,
                         device=None if args.device == "auto" else args.device, optimizer=args.optimizer,
-                        precision=args.precision, command=command)
+                        precision=args.precision, command=command, save_to=out / "bench.json")
     print(results.table())
     print(f"      json: {results.to_json(out / 'bench.json')}")
     if args.plot:

@@ -40,6 +40,8 @@ class ModelConfig:
     policy: str = "reverse"  # per-layer default: reverse | store | checkpoint
     loss_chunk_size: int = 1024  # tokens per chunk of the LM head: bounds the logits held at once
     ffn_chunk_size: int = 16384  # tokens per chunk of the FFN (0: whole sequence): bounds its 4x-wide intermediate
+    attn_head_chunk: int = 0  # heads per attention chunk (0: from the length, ~2^20 token-heads per chunk)
+    attention_window: int | None = None  # sliding-window attention: each token sees the last N (None: all)
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -89,6 +91,10 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"ffn_chunk_size={cfg.ffn_chunk_size!r} must be a non-negative integer (0: no chunks)")
     if cfg.d_ff is not None:
         _positive_int(cfg, "d_ff")
+    if isinstance(cfg.attn_head_chunk, bool) or not isinstance(cfg.attn_head_chunk, int) or cfg.attn_head_chunk < 0:
+        raise ConfigError(f"attn_head_chunk={cfg.attn_head_chunk!r} must be a non-negative integer (0: automatic)")
+    if cfg.attention_window is not None:
+        _positive_int(cfg, "attention_window")
     if cfg.d_model % cfg.num_heads:
         raise ConfigError(f"d_model={cfg.d_model} must be divisible by num_heads={cfg.num_heads}")
     if cfg.head_dim % 2:

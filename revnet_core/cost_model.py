@@ -24,6 +24,24 @@ What autograd saves for one ``store`` layer (additive coupling, GELU, fused SDPA
 ``checkpoint`` saves the layer's two inputs; ``recompute_attention``/``recompute_ffn`` are ``store`` with
 one block under ``torch.utils.checkpoint`` (saving that block's input instead of its activations).
 
+Head chunks (``AttentionBlock.head_chunks``: ``attn_head_chunk`` heads each, or when 0 about 2^20 // N of
+them): with more than one chunk F is norm, one cast, then per chunk of n heads a projection through a copy
+of the weight's rows (3*n*hd*d parameters, cast again under autocast, never cached), its q, k, v and kernel,
+written into a (B, T, H, hd) buffer that proj reads. A stored F then saves, beside the above, that buffer
+(A*c) and, without autocast, the weight rows' copies (3*d*d*p over the chunks); the rest is the same split
+by chunk. Its autograd backward walks the chunks from the last (CopySlices: a clone of the buffer's
+cotangent per chunk), each chunk's qkv weight gradient a zero-padded (3d, d) tensor. A ``reverse`` layer
+with an additive coupling and no dropout runs the F half through ``AttentionBlock.additive_half_backward``:
+one chunk's graph at a time, built and differentiated at once, so its peak holds one chunk's q, k, v and
+kernel buffers where the unchunked backward holds all heads' (attn_half_backward_chunked); otherwise (affine
+coupling, dropout) the generic half over the chunked forward. Compiled blocks (which take the generic half
+too) are not told apart. One chunk is the unchunked block, line for line.
+
+A sliding window (``attention_window``) only changes the kernel: it is counted as a fused one ("sdpa":
+output and log-sum-exp saved, no score matrix), which the CUDA windowed kernel is. The CPU fallback (SDPA
+with an explicit band mask) also keeps a (T, T) mask per chunk, not counted. Attention FLOPs are counted
+over the full causal triangle either way.
+
 Compute is counted in FLOPs of the matmuls and attention (2 per multiply-add, causal attention half of
 full), backward = 2x forward for matmuls and 2.5x for fused attention (FlashAttention-2 recomputes the
 scores: 5 matmuls against 2). A policy that recomputes a block pays one more forward of it.
@@ -117,10 +135,20 @@ class Sizes:
     attn_drop: float  # attention dropout in effect
     head_chunk: int
     ffn_chunk: int  # tokens per FFN chunk along the sequence (FeedForwardBlock.chunk_size; T when 0)
+    attn_heads: int = 0  # heads per attention chunk (AttentionBlock.head_chunks); 0 or H: one chunk
 
     @property
     def A(self) -> int:
         return self.N * self.d
+
+    @property
+    def hd(self) -> int:
+        return self.d // self.H
+
+    def head_counts(self) -> list[int]:
+        """Heads of each attention chunk, in order (one entry: the whole block at once)."""
+        per = self.attn_heads if 0 < self.attn_heads < self.H else self.H
+        return [min(per, self.H - s) for s in range(0, self.H, per)]
 
     def ffn_rows(self) -> list[int]:
         """Rows (batch x tokens) of each FFN chunk, in order."""
@@ -131,7 +159,9 @@ def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
     p = DTYPE_BYTES[w.param_dtype]
     s = max(p, DTYPE_BYTES[cfg.stream_dtype])  # streams: the embedding promoted to the stream dtype
     c = DTYPE_BYTES[w.autocast_dtype] if w.autocast_dtype else s
-    attention = w.attention or ("reference" if cfg.attention == "reference" else
+    window = cfg.attention_window
+    attention = w.attention or ("sdpa" if window is not None else  # windowed: counted as a fused kernel
+                                "reference" if cfg.attention == "reference" else
                                 "sdpa" if cfg.use_flash_attention else "math")
     attn_drop = cfg.attention_dropout if w.training else 0.0
     if attention == "sdpa" and attn_drop > 0 and w.device == "cpu":
@@ -149,8 +179,18 @@ def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
         st=8 if s == 8 else 4, cast=c != s, wcast=w.autocast_dtype is not None and c != p, affine=affine,
         activation=cfg.activation, attention=attention, device=w.device,
         drop=cfg.dropout if w.training else 0.0, attn_drop=attn_drop, head_chunk=cfg.loss_chunk_size,
-        ffn_chunk=cfg.ffn_chunk_size,
+        ffn_chunk=cfg.ffn_chunk_size, attn_heads=_heads_per_chunk(cfg, w),
     )
+
+
+HEAD_CHUNK_TOKENS = 1 << 20  # (token, head) pairs of an automatic head chunk (revnet_torch.blocks.HEAD_CHUNK_TOKENS)
+
+
+def _heads_per_chunk(cfg: ModelConfig, w: Workload) -> int:
+    """AttentionBlock.head_chunks: ``attn_head_chunk`` heads, or when 0 as many as keep B*T*heads near
+    HEAD_CHUNK_TOKENS; at most H."""
+    per = cfg.attn_head_chunk or max(1, HEAD_CHUNK_TOKENS // max(1, w.tokens))
+    return min(cfg.num_heads, per)
 
 
 def _chunks(total: int, step: int) -> list[int]:
@@ -349,24 +389,26 @@ class _Step:
         t.free(noise, x)
         return out
 
-    def rope(self, pre: str, cat: str, keep: bool) -> str:
+    def rope(self, pre: str, cat: str, keep: bool, heads: int | None = None) -> str:
         """Rotary.forward (_RotaryFn): an output like x, filled chunk by chunk of ROPE_CHUNK tokens with fp32
-        math (a copy of the chunk unless x is fp32 already); saves only cos and sin."""
+        math (a copy of the chunk unless x is fp32 already); saves only cos and sin. ``heads``: of x (all H
+        unless a head chunk)."""
         z, t = self.z, self.t
-        out = t.alloc(pre + "rot", z.A * z.c, cat)
-        self.rotate(pre, cat)
+        out = t.alloc(pre + "rot", self.head_elems(heads) * z.c, cat)
+        self.rotate(pre, cat, heads)
         if keep and t.forward:
             self.rope_saved = True
         return out
 
-    def rotate(self, pre: str, cat: str) -> None:
+    def rotate(self, pre: str, cat: str, heads: int | None = None) -> None:
         """The temporaries of _rotate: per chunk a cast copy, four products, two halves and their stack.
         The loop rebinds its names, so a chunk's copy is freed only once the next chunk's exists."""
         z, t = self.z, self.t
         mb = 8 if z.c == 8 else 4
+        width = z.d if heads is None else heads * z.hd
         prev = None
         for k, tokens in enumerate(_chunks(z.T, ROPE_CHUNK)):
-            e = z.B * tokens * z.d  # elements of the chunk, all heads
+            e = z.B * tokens * width  # elements of the chunk, all its heads
             q = f"{pre}r{k}."
             xc = t.alloc(q + "xc", e * mb, cat) if z.c != mb else None
             t.free(prev)
@@ -382,13 +424,20 @@ class _Step:
             t.free(first, second, stk)  # copied (and cast) into the output
         t.free(prev)
 
-    def attention_core(self, pre: str, q: str, k: str, v: str, keep: bool, cat: str) -> str:
-        """The attention kernel on (B, H, T, hd) q, k, v; returns its (B, H, T, hd) output."""
+    def head_elems(self, heads: int | None) -> int:
+        """Elements of one (B, heads, T, hd) tensor: q, k, v or the attention output (all H heads: A)."""
+        return self.z.A if heads is None else self.z.N * heads * self.z.hd
+
+    def attention_core(self, pre: str, q: str, k: str, v: str, keep: bool, cat: str,
+                       heads: int | None = None) -> str:
+        """The attention kernel on (B, h, T, hd) q, k, v; returns its (B, h, T, hd) output (h: ``heads``,
+        all H unless a head chunk)."""
         z, t = self.z, self.t
-        A, BHTT = z.A, z.B * z.H * z.T * z.T
+        h = z.H if heads is None else heads
+        A, BHTT = self.head_elems(heads), z.B * h * z.T * z.T
         if z.attention == "sdpa":  # flash / cuDNN / CPU flash: output and log-sum-exp
             out = t.alloc(pre + "o", A * z.c, cat, saved=keep)
-            t.free(t.alloc(pre + "lse", z.N * z.H * z.st, cat, saved=keep))
+            t.free(t.alloc(pre + "lse", z.N * h * z.st, cat, saved=keep))
             if keep:
                 for name in (q, k, v):
                     t.hold(name, saved=True)
@@ -460,6 +509,8 @@ class _Step:
         """AttentionBlock.forward: x (B, T, d) -> fx (B, T, fx)."""
         z, t = self.z, self.t
         A = z.A
+        if len(z.head_counts()) > 1:
+            return self.attn_forward_chunked(pre, x, keep, cat, layer)
         n = self.layer_norm(pre, x, keep, cat, z.N)
         qkv = self.linear(pre + "qkv.", n, True, A, 3 * z.d * z.d, 3 * A, keep, cat, f"W{layer}.qkv")
         t.free(n)  # a temporary argument of self.qkv
@@ -477,6 +528,59 @@ class _Step:
         fx = self.linear(pre + "proj.", o, False, A, z.d * z.fx, z.N * z.fx, keep, cat, f"W{layer}.proj")
         fx = self.dropout(pre + "drop.", fx, z.N * z.fx, keep, cat)
         t.free(o, q, k, v)  # locals, released when forward returns
+        return fx
+
+    def normed(self, pre: str, x: str, keep: bool, cat: str) -> str:
+        """AttentionBlock.normed: norm(x), then (autocast) one cast to the compute dtype, which every head
+        chunk's projection saves; ToCopyBackward saves nothing, and the norm's output goes with the rebinding."""
+        z, t = self.z, self.t
+        n = self.layer_norm(pre, x, keep, cat, z.N)
+        if not z.cast:
+            return n
+        h = t.alloc(pre + "h", z.A * z.c, cat)
+        t.free(n)
+        return h
+
+    def attend_heads(self, pre: str, h: str, heads: int, keep: bool, cat: str) -> str:
+        """AttentionBlock.attend_heads over ``heads`` heads of the normed h: their rows of the qkv weight
+        (``reshape`` of a strided slice: a copy in the parameter dtype, a local of the call; under autocast
+        F.linear casts it again, uncached since it is no leaf), the projection (B, T, 3*heads*hd), rope(q),
+        rope(k), contiguous v and the kernel. Returns the chunk's (B, heads, T, hd) output."""
+        z, t = self.z, self.t
+        a = self.head_elems(heads)
+        wq = 3 * heads * z.hd * z.d
+        w = t.alloc(pre + "w", wq * z.p, cat)
+        wc = t.alloc(pre + "wc", wq * z.c, cat, saved=keep) if z.wcast else None
+        if keep and not wc:
+            t.hold(w, saved=True)  # mm saves its weight operand: here a tensor of its own, not the parameter
+        qkv = t.alloc(pre + "qkv.out", 3 * a * z.c, cat)
+        if keep:
+            t.hold(h, saved=True)
+        t.free(wc)  # the cast is a temporary of the call (kept by autograd when saved)
+        q = self.rope(pre + "ropeq.", cat, keep, heads)
+        k = self.rope(pre + "ropek.", cat, keep, heads)
+        v = t.alloc(pre + "v", a * z.c, cat)
+        t.free(qkv)  # _heads returns: the projection has no views left
+        o = self.attention_core(pre + "att.", q, k, v, keep, cat, heads)
+        t.free(w, q, k, v)  # attend_heads returns: its locals go in order
+        return o
+
+    def attn_forward_chunked(self, pre: str, x: str, keep: bool, cat: str, layer: int) -> str:
+        """AttentionBlock.forward over more than one head chunk: h = normed(x) once; per chunk attend_heads
+        and a copy of its output into a (B, T, H, hd) buffer made at the first chunk (``o[:, :, heads] =``:
+        CopySlices saves nothing); then proj over the buffer."""
+        z, t = self.z, self.t
+        A = z.A
+        h = self.normed(pre, x, keep, cat)
+        o = None
+        for k, heads in enumerate(z.head_counts()):
+            oc = self.attend_heads(f"{pre}h{k}.", h, heads, keep, cat)
+            if o is None:
+                o = t.alloc(pre + "obuf", A * z.c, cat)
+            t.free(oc)  # del o_c (saved by the kernel when kept)
+        fx = self.linear(pre + "proj.", o, False, A, z.d * z.fx, z.N * z.fx, keep, cat, f"W{layer}.proj")
+        fx = self.dropout(pre + "drop.", fx, z.N * z.fx, keep, cat)
+        t.free(o, h)  # locals, released when forward returns
         return fx
 
     def ffn_forward(self, pre: str, x: str, keep: bool, cat: str, layer: int, early_stop: bool = False) -> str | None:
@@ -640,12 +744,12 @@ class _Step:
         dn = self.uncast(pre + "up.", dn, rows * z.d, cat)
         return self.ln_backward(pre, dn, x, rows, cat, f"W{layer}.ln2")
 
-    def rope_backward(self, pre: str, d: str, cat: str) -> str:
+    def rope_backward(self, pre: str, d: str, cat: str, heads: int | None = None) -> str:
         """_RotaryFn.backward: the rotation by the opposite angle (-sin is a new table), into a new output."""
         z, t = self.z, self.t
         neg = t.alloc(pre + "negsin", self.cm.rope_table_bytes() // 2, cat)
-        out = t.alloc(pre + "rot", z.A * z.c, cat)
-        self.rotate(pre, cat)
+        out = t.alloc(pre + "rot", self.head_elems(heads) * z.c, cat)
+        self.rotate(pre, cat, heads)
         t.free(neg, d)
         return out
 
@@ -655,10 +759,11 @@ class _Step:
         up = z.device == "cpu" and z.c < 4
         return (4 if up else z.c), up
 
-    def math_backward(self, pre: str, do: str, v: str, cat: str) -> tuple[str, str, str]:
+    def math_backward(self, pre: str, do: str, v: str, cat: str, heads: int | None = None) -> tuple[str, str, str]:
         """Autograd through SDPA's math kernel from the output cotangent: (dq, dk, dv)."""
         z, t = self.z, self.t
-        A, BHTT, a = z.A, z.B * z.H * z.T * z.T, pre + "att."
+        h = z.H if heads is None else heads
+        A, BHTT, a = self.head_elems(heads), z.B * h * z.T * z.T, pre + "att."
         mc, up = self.math_dtype()
         if up:  # ToCopyBackward of the output cast
             d32 = t.alloc(pre + "do32", A * 4, cat)
@@ -692,21 +797,162 @@ class _Step:
         """Backward of a kept attention block from its output cotangent; returns dx (stream dtype)."""
         z, t = self.z, self.t
         A = z.A
+        if len(z.head_counts()) > 1:
+            return self.attn_backward_chunked(pre, ct, x, layer, cat)
         ct = self.dropout_backward(pre + "drop.", ct, z.N * z.fx, cat)
         o_in = pre + ("att.o" if z.attention == "sdpa" else "o_bthd")
         do = self.linear_backward(pre + "proj.", ct, o_in, f"W{layer}.proj", z.d * z.fx, A, cat)
+        dqkv = self.heads_backward(pre, do, cat)
+        nin = pre + "qkv.cast" if z.cast else pre + "ln"
+        dn = self.linear_backward(pre + "qkv.", dqkv, nin, f"W{layer}.qkv", 3 * z.d * z.d, A, cat)
+        dn = self.uncast(pre + "qkv.", dn, A, cat)
+        return self.ln_backward(pre, dn, x, z.N, cat, f"W{layer}.ln1")
+
+    def attn_backward_chunked(self, pre: str, ct: str, x: str, layer: int, cat: str) -> str:
+        """Autograd through a kept head-chunked forward (attn_forward_chunked), in node order: proj, then
+        the chunks from the last. Each CopySlices clones the buffer's cotangent (handed on to the chunk
+        before, with this chunk's slice zeroed) and the slice (this chunk's output cotangent); a chunk's own
+        nodes, created after the earlier chunk's CopySlices, run before it: the kernel, rotations and
+        projection backward, then its weight rows' path (cast back, SliceBackward's zero-padded (3, H, hd,
+        d) tensor). The chunks' cotangents of h and of the weight each gather in an input buffer
+        (``input_buffer``); h's goes through the cast and the norm once every chunk is done."""
+        z, t = self.z, self.t
+        A = z.A
+        ct = self.dropout_backward(pre + "drop.", ct, z.N * z.fx, cat)
+        carry = self.linear_backward(pre + "proj.", ct, pre + "obuf", f"W{layer}.proj", z.d * z.fx, A, cat)
+        h = pre + ("h" if z.cast else "ln")
+        counts = z.head_counts()
+        dh = dw = None
+        for n, k in enumerate(reversed(range(len(counts)))):
+            c, heads = f"{pre}h{k}.", counts[k]
+            a = self.head_elems(heads)
+            res = t.alloc(c + "cs_res", A * z.c, cat)  # CopySlices: the cotangent, cloned
+            do = t.alloc(c + "cs_do", a * z.c, cat)  # its slice, cloned: this chunk's output cotangent
+            if k:  # CopyBackwards: zeros for the buffer's earlier version, copied into the slice
+                t.free(t.alloc(c + "cs_zeros", a * z.c, cat))
+            t.free(carry)
+            carry = res
+            if not k:
+                t.free(res)  # the buffer had no earlier version to hand it to
+            dqkv = self.heads_backward(c, do, cat, heads)
+            dhk = self.head_linear_backward(c, dqkv, h, heads, cat)
+            dh = self.input_buffer(c + "dh_sum", dh, dhk, n, A * z.c, cat)
+            gw = self.head_weight_backward(c, heads, layer, cat, "gradients" if n == 0 else cat)
+            dw = self.input_buffer(f"grad.W{layer}.qkv", dw, gw, n, 3 * z.d * z.d * z.p, "gradients")
+        dn = self.uncast(pre + "qkv.", dh, A, cat)
+        return self.ln_backward(pre, dn, x, z.N, cat, f"W{layer}.ln1")
+
+    def input_buffer(self, name: str, buf: str | None, new: str, n: int, nbytes: int, cat: str) -> str:
+        """Autograd's InputBuffer gathering the ``n``-th cotangent (from 0) of one tensor. The first is kept
+        as it came, a view (ViewBackward's) that keeps its base alive, so the second is added out of place
+        into a new tensor; later ones are added into that in place."""
+        t = self.t
+        if n == 0:
+            return new
+        if n == 1:
+            out = t.alloc(name, nbytes, cat)
+            t.free(buf, new)
+            return out
+        t.free(new)
+        return buf
+
+    def head_linear_backward(self, pre: str, dqkv: str, h: str, heads: int, cat: str) -> str:
+        """MmBackward of a head chunk's projection: the gradient of its weight rows (compute dtype; the
+        parameter dtype without autocast), then of h (B, T, d); releases the saved h and weight rows."""
+        z, t = self.z, self.t
+        wq = 3 * heads * z.hd * z.d
+        t.alloc(pre + "gw", wq * (z.c if z.wcast else z.p), cat)
+        dh = t.alloc(pre + "dh", z.A * z.c, cat)
+        t.free(dqkv, pre + ("wc" if z.wcast else "w"), h)
+        return dh
+
+    def head_weight_backward(self, pre: str, heads: int, layer: int, cat: str, full_cat: str) -> str:
+        """The weight rows' path back to the qkv weight: ToCopyBackward of the autocast cast, then
+        SliceBackward's zero-padded (3, H, hd, d) tensor, which it returns (ViewBackward: a view of it)."""
+        z, t = self.z, self.t
+        wq = 3 * heads * z.hd * z.d
+        gw = pre + "gw"
+        if z.wcast:
+            gp = t.alloc(pre + "gw_p", wq * z.p, cat)
+            t.free(gw)
+            gw = gp
+        full = t.alloc(pre + "gw_full", 3 * z.d * z.d * z.p, full_cat)
+        t.free(gw)
+        return full
+
+    def attn_half_backward_chunked(self, pre: str, layer: int, x: str) -> str:
+        """AttentionBlock.additive_half_backward (the engine's F half for an additive coupling, no random
+        draws, more than one head chunk), under the replayed autocast: the norm with its graph, do = dy @
+        W_proj, then per chunk attend_heads with its graph and at once its backward (autograd.grad, the
+        cotangent a copy of do's slice laid out like the output), the chunks' cotangents of h added into
+        the first's in place, of the weight likewise (the first becomes the gradient); the (B, T, H, hd)
+        buffer of the outputs, made after the first chunk's backward; proj over it with its graph for its
+        weight's gradient; y -= fx in place; the norm's backward from dh. x: the block's input (the rebuilt
+        x2). Returns dx (the stream dtype)."""
+        z, t = self.z, self.t
+        A, cat = z.A, "recompute"
+        h = self.normed(pre, x, True, cat)
+        # matmul under autocast casts W_proj (cached for proj(o) below), then dy (a temporary)
+        self.weight(f"W{layer}.proj", z.d * z.fx, False)
+        dyc = t.alloc(pre + "dy_c", A * z.c, cat) if z.cast else None
+        do = t.alloc(pre + "do", A * z.c, cat)
+        t.free(dyc)
+        o = dh = None
+        for k, heads in enumerate(z.head_counts()):
+            c = f"{pre}h{k}."
+            oc = self.attend_heads(c, h, heads, True, cat)
+            do_c = t.alloc(c + "do", self.head_elems(heads) * z.c, cat)
+            t.hold(do_c)  # and the backward's argument
+            dqkv = self.heads_backward(c, do_c, cat, heads)
+            dhk = self.head_linear_backward(c, dqkv, h, heads, cat)
+            gw = self.head_weight_backward(c, heads, layer, cat, "gradients" if k == 0 else cat)
+            if dh is None:
+                dh = dhk
+            if o is None:
+                o = t.alloc(pre + "obuf", A * z.c, cat)
+            t.free(oc, do_c)  # del o_c, do_c, got: later chunks' got was added into the first's
+            if k:
+                t.free(gw, dhk)  # (a tuple lets go of its items last first)
+        t.free(do)
+        self.weight(f"W{layer}.proj", z.d * z.fx, False)  # proj(o): the cached cast (o needs no gradient)
+        fx = t.alloc(pre + "fx", z.N * z.fx * z.c, cat)
+        t.hold(o)  # mm saves its input for the weight's gradient
+        dyc = t.alloc(pre + "dy_c2", A * z.c, cat) if z.cast else None  # dy.to(fx.dtype)
+        gc = t.alloc(f"W{layer}.proj.gc", z.d * z.fx * z.c, cat) if z.wcast else None
+        t.free(o)
+        self.grad(f"W{layer}.proj", z.d * z.fx * z.p)
+        t.free(gc, dyc)
+        self.mixed(pre + "inv.", A)  # y.sub_(fx), in place
+        t.free(fx, o)
+        if z.cast:  # ToCopyBackward of the norm's cast; dh itself stays a local until the return
+            dn = t.alloc(pre + "dh_s", A * z.s, cat)
+        else:
+            t.hold(dh)
+            dn = dh
+        dx = self.ln_backward(pre, dn, x, z.N, cat, f"W{layer}.ln1")
+        t.free(h, dh)  # additive_half_backward returns
+        self.exit_autocast()  # the replayed autocast exits: its cache (W_proj's copy) goes
+        return dx
+
+    def heads_backward(self, pre: str, do: str, cat: str, heads: int | None = None) -> str:
+        """Autograd from the attention output's cotangent ``do`` (B, h, T, hd) to the projection's (B, T,
+        3*h*hd): the kernel's backward (releasing what it saved), the rotations', UnbindBackward's stack and
+        the copy its ViewBackward makes. h: ``heads``, all H unless a head chunk."""
+        z, t = self.z, self.t
+        h = z.H if heads is None else heads
+        A = self.head_elems(heads)
         q, k, v, a = pre + "ropeq.rot", pre + "ropek.rot", pre + "v", pre + "att."
         if z.attention == "sdpa":
             dq, dk, dv = (t.alloc(pre + n, A * z.c, cat) for n in ("dq", "dk", "dv"))
             # Both FlashAttention-2 (CUDA) and the CPU flash kernel accumulate dq in fp32.
             acc = t.alloc(pre + "dq_acc", A * 4, cat)
-            red = t.alloc(pre + "red", (A * z.c if z.c != 4 else 0) if z.device == "cpu" else z.N * z.H * 4, cat)
+            red = t.alloc(pre + "red", (A * z.c if z.c != 4 else 0) if z.device == "cpu" else z.N * h * 4, cat)
             t.free(acc, red)
             t.free(q, k, v, a + "o", a + "lse", do)
         elif z.attention == "math":
-            dq, dk, dv = self.math_backward(pre, do, v, cat)
+            dq, dk, dv = self.math_backward(pre, do, v, cat, heads)
         else:
-            BHTT = z.B * z.H * z.T * z.T
+            BHTT = z.B * h * z.T * z.T
             dv = t.alloc(pre + "dv", A * z.c, cat)
             dp = t.alloc(pre + "dp", BHTT * z.c, cat)
             pv = a + ("dprobs" if z.attn_drop else ("probs_c" if a + "probs_c" in t.live else "probs"))
@@ -729,16 +975,13 @@ class _Step:
             dq = t.alloc(pre + "dq", A * z.c, cat)
             dk = t.alloc(pre + "dk", A * z.c, cat)
             t.free(dd, q, k)
-        dq = self.rope_backward(pre + "bq.", dq, cat)
-        dk = self.rope_backward(pre + "bk.", dk, cat)
+        dq = self.rope_backward(pre + "bq.", dq, cat, heads)
+        dk = self.rope_backward(pre + "bk.", dk, cat, heads)
         st = t.alloc(pre + "dqkv_stack", 3 * A * z.c, cat)  # UnbindBackward: stack(dq, dk, dv)
         t.free(dq, dk, dv)
         dqkv = t.alloc(pre + "dqkv", 3 * A * z.c, cat)  # view(B, T, 3, H, hd) of a permuted tensor: a copy
         t.free(st)
-        nin = pre + "qkv.cast" if z.cast else pre + "ln"
-        dn = self.linear_backward(pre + "qkv.", dqkv, nin, f"W{layer}.qkv", 3 * z.d * z.d, A, cat)
-        dn = self.uncast(pre + "qkv.", dn, A, cat)
-        return self.ln_backward(pre, dn, x, z.N, cat, f"W{layer}.ln1")
+        return dqkv
 
     def couple_backward(self, pre: str, dy: str, x: str, cat: str) -> tuple[str, str]:
         """Autograd through y = coupling(x, fx), consuming dy: (dx, dfx). Additive passes dy to both
@@ -821,6 +1064,14 @@ class _Step:
         t.free(th, sc, dr)
         return dx, dfx
 
+    def head_chunked_half(self) -> bool:
+        """Whether the engine runs the F half through AttentionBlock.additive_half_backward
+        (engine.head_chunked_half): more than one head chunk, the additive coupling, and no random draws
+        (no dropout in training). Compiled blocks take the generic half, which is not modelled apart."""
+        z = self.z
+        return (len(z.head_counts()) > 1 and self.cm.config.coupling == "additive" and not z.drop
+                and not z.attn_drop)
+
     def reverse_backward(self, i: int, y1: str, y2: str, dy1: str, dy2: str, owned_y: bool,
                          owned_dy: bool) -> tuple[str, str, str, str]:
         """Rebuild (x1, x2) in (y1, y2)'s memory and the cotangents in (dy1, dy2)'s; returns all four."""
@@ -863,6 +1114,14 @@ class _Step:
             du = du_full
         t.free(du)  # dz1 = dy1 += du, in place
         f = pre + "F."
+        if self.head_chunked_half():
+            # y1 -= F(y2) and dz1 = dy1 stays (additive); dx2 += dx2_from_f, in place
+            t.free(self.attn_half_backward_chunked(f, i, y2))
+            if new_dy2:
+                t.free(dy2)
+                dy2 = new_dy2
+            t.free(*held)
+            return y1, y2, dy1, dy2
         fx = self.attn_forward(f, y2, True, "recompute", i)
         self.exit_autocast()
         self.inverse_in_place(f, z.N)  # y1 -= F(x2), in place

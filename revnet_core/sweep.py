@@ -91,12 +91,13 @@ def _accumulate(a, b, overwrite: bool):
 
 
 def backward_step(y1, y2, dy1, dy2, layer: LayerSpec, vjp: Vjp, coupling_autodiff=None, *, overwrite=False,
-                  g_half=half_backward):
+                  g_half=half_backward, f_half=half_backward):
     """One layer of the reversible backward.
 
     Args: the layer's outputs (y1, y2) and their cotangents (dy1, dy2), all (..., d). ``overwrite``: the
     caller owns all four and lets the step reuse their memory. ``g_half``: how to run the G half (a backend
-    may run it over sequence chunks, since G and the couplings act token by token).
+    may run it over sequence chunks, since G and the couplings act token by token); ``f_half`` likewise for
+    F (a backend may run attention over chunks of heads). Both take ``half_backward``'s arguments.
     Returns: (x1, x2, dx1, dx2, dparams_f, dparams_g): the rebuilt inputs, their cotangents, and the
     blocks' parameter cotangents in whatever structure the backend's pullback returns.
     """
@@ -105,7 +106,7 @@ def backward_step(y1, y2, dy1, dy2, layer: LayerSpec, vjp: Vjp, coupling_autodif
     dz1 = _accumulate(dy1, dy1_from_g, overwrite)
     del dy1_from_g
     # Then F: y1 = cf(x1, F(x2)) and x2 is now known.
-    x1, dx1, dx2_from_f, dparams_f = half_backward(layer.f, layer.cf, x2, y1, dz1, vjp, coupling_autodiff, overwrite)
+    x1, dx1, dx2_from_f, dparams_f = f_half(layer.f, layer.cf, x2, y1, dz1, vjp, coupling_autodiff, overwrite)
     return x1, x2, dx1, _accumulate(dx2, dx2_from_f, overwrite), dparams_f, dparams_g
 
 

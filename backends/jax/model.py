@@ -71,6 +71,10 @@ class ReversibleTransformerJAX:
             config = ModelConfig.from_kwargs(**fields)
         elif fields:
             config = config.replace(**fields)
+        if config.attention_window is not None:
+            raise ConfigError(f"attention_window={config.attention_window}: sliding-window attention is built in "
+                              "the torch backend only; leave it None for JAX")
+        # attn_head_chunk needs nothing here: XLA schedules the heads itself (the function is the same).
         self.config = config
         self.use_scan = bool(use_scan)
         self.compute_dtype = None if compute_dtype is None else _dtype_name(compute_dtype, "compute_dtype")

@@ -29,7 +29,8 @@ class PlainLayer(nn.Module):
         self.attn = AttentionBlock(
             cfg.d_model, cfg.num_heads, cfg.d_model, rotary, norm=cfg.norm, eps=cfg.norm_eps,
             attention=cfg.attention, use_flash_attention=cfg.use_flash_attention,
-            attention_dropout=cfg.attention_dropout, dropout=cfg.dropout,
+            attention_dropout=cfg.attention_dropout, dropout=cfg.dropout, head_chunk=cfg.attn_head_chunk,
+            window=cfg.attention_window,
         )
         self.ffn = FeedForwardBlock(cfg.d_model, cfg.ffn_dim, cfg.d_model, activation=cfg.activation, norm=cfg.norm,
                                     eps=cfg.norm_eps, dropout=cfg.dropout, chunk_size=cfg.ffn_chunk_size)

@@ -516,11 +516,13 @@ class BenchmarkSuite:
 
     def run(self, models: Mapping[str, Any], sequence_lengths: Sequence[int], batch_sizes: Sequence[int] | int = 1,
             metrics: Sequence[str] = METRICS, steps: int = 3, warmup: int = 1, device: str | None = None,
-            optimizer: str | None = "adamw", precision: str = "auto", command: str | None = None) -> BenchmarkResults:
+            optimizer: str | None = "adamw", precision: str = "auto", command: str | None = None,
+            save_to=None) -> BenchmarkResults:
         """Measure every model at every length (batch ``batch_sizes[i]`` at ``sequence_lengths[i]``, or one batch
         size for all). A model is an ``nn.Module`` (run in this process, its weights restored before each cell),
         a built-in name of SPEC_KINDS, a dict ``{"kind", "config", "seed"}`` or a ModelSpec (each cell in a
-        subprocess of its own)."""
+        subprocess of its own). ``save_to``: a JSON path rewritten after every cell, so a run cut short keeps
+        what it measured."""
         lengths, batches = _check_lengths(sequence_lengths, batch_sizes)
         metrics = list(metrics)
         bad = [m for m in metrics if m not in METRICS]
@@ -544,6 +546,9 @@ class BenchmarkSuite:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__})")
         env = environment(command, dev)
+        settings = {"metrics": metrics, "steps": steps, "warmup": warmup, "optimizer": optimizer,
+                    "precision": precision, "seed": self.seed, "config": self.config,
+                    "sequence_lengths": lengths, "batch_sizes": batches}
         rows, initial = [], {}
         for seq, batch in zip(lengths, batches):
             for name, value in models.items():
@@ -567,14 +572,13 @@ class BenchmarkSuite:
                     res = self._run_child(cell)
                     base.update(implementation=f"built-in {spec.kind} (subprocess)", spec=spec.to_dict())
                 rows.append({**base, **res})
+                if save_to is not None:
+                    BenchmarkResults(rows, env, settings).to_json(save_to)
                 if self.verbose:
                     r = rows[-1]
                     shown = "OOM" if r.get("oom") else "ERROR" if r.get("error") else \
                         f"{_memory_text(r)}  {r.get('step_s_median', float('nan')):.4f} s"
                     print(f"  {name:>12} {seq:>9} x {batch}: {shown}", file=sys.stderr, flush=True)
-        settings = {"metrics": metrics, "steps": steps, "warmup": warmup, "optimizer": optimizer,
-                    "precision": precision, "seed": self.seed, "config": self.config,
-                    "sequence_lengths": lengths, "batch_sizes": batches}
         return BenchmarkResults(rows, env, settings)
 
     def _run_child(self, cell: dict) -> dict[str, Any]:

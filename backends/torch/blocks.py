@@ -96,11 +96,21 @@ def reference_attention(q, k, v, dropout_p: float = 0.0, training: bool = False)
     return probs @ v
 
 
+HEAD_CHUNK_TOKENS = 1 << 20  # automatic head chunks hold about this many (token, head) pairs
+
+
 class AttentionBlock(nn.Module):
-    """F(x) = proj(attention(rope(q), rope(k), v)) over norm(x). (B, T, d) -> (B, T, out_features)."""
+    """F(x) = proj(attention(rope(q), rope(k), v)) over norm(x). (B, T, d) -> (B, T, out_features).
+
+    Long sequences run the attention over chunks of heads (``head_chunks``): heads are independent, so the
+    function is the same, but only one chunk's q, k, v and kernel buffers exist at a time. The reversible
+    engine's backward walks the same chunks (``additive_half_backward``), so the recompute is bit-identical.
+    ``window``: each token attends to itself and the ``window - 1`` tokens before it (None: all before it).
+    """
 
     def __init__(self, d_model, num_heads, out_features, rotary: Rotary, *, norm="layernorm", eps=1e-5,
-                 attention="sdpa", use_flash_attention=True, attention_dropout=0.0, dropout=0.0):
+                 attention="sdpa", use_flash_attention=True, attention_dropout=0.0, dropout=0.0,
+                 head_chunk: int = 0, window: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.norm = make_norm(norm, d_model, eps)
@@ -111,24 +121,121 @@ class AttentionBlock(nn.Module):
         self.sdpa_backends = FUSED_SDPA if use_flash_attention else MATH_SDPA
         self.attention_dropout = attention_dropout
         self.drop = nn.Dropout(dropout)
+        self.head_chunk = head_chunk
+        self.window = window
+
+    def head_chunks(self, B: int, T: int) -> list[slice]:
+        """The head slices the attention runs over, in order: ``head_chunk`` heads each, or when 0 as many
+        as keep B*T*heads near HEAD_CHUNK_TOKENS (one chunk up to 64k tokens at batch 1)."""
+        H = self.num_heads
+        per = self.head_chunk or max(1, HEAD_CHUNK_TOKENS // max(1, B * T))
+        per = min(H, per)
+        return [slice(s, min(s + per, H)) for s in range(0, H, per)]
+
+    def _core(self, q, k, v):
+        """(B, h, T, hd) q, k, v -> (B, h, T, hd) causal attention (windowed if ``window``)."""
+        p = self.attention_dropout if self.training else 0.0
+        if self.window is not None:
+            from .window import windowed_attention  # only windowed models need the kernels package
+
+            return windowed_attention(q, k, v, self.window, p)
+        if self.attention == "reference":
+            return reference_attention(q, k, v, p, self.training)
+        with sdpa_kernel(self.sdpa_backends, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+
+    def _heads(self, qkv: torch.Tensor, n: int):
+        """(B, T, 3*n*hd) projection -> rope(q), rope(k), v, each (B, n, T, hd)."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, n, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        rope = self.rotary[0]
+        # q and k become new tensors; a contiguous v lets the projection be freed now rather than live as
+        # v's base until the attention backward (1 GiB at 256k tokens).
+        return rope(q), rope(k), v.contiguous()
+
+    def normed(self, x: torch.Tensor) -> torch.Tensor:
+        """norm(x), cast once to the autocast dtype so every head chunk's projection shares the copy."""
+        h = self.norm(x)
+        if torch.is_autocast_enabled(x.device.type):
+            h = h.to(torch.get_autocast_dtype(x.device.type))
+        return h
+
+    def attend_heads(self, h: torch.Tensor, heads: slice) -> torch.Tensor:
+        """Attention of the heads in ``heads`` over normed input h (B, T, d) -> (B, n, T, hd)."""
+        d = h.shape[-1]
+        w = self.qkv.weight.view(3, self.num_heads, -1, d)[:, heads].reshape(-1, d)
+        n = heads.stop - heads.start
+        q, k, v = self._heads(F.linear(h, w), n)
+        return self._core(q, k, v)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
-        qkv = self.qkv(self.norm(x)).view(B, T, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
-        rope = self.rotary[0]
-        # q and k become new tensors; a contiguous v lets the (B, T, 3d) projection be freed now rather
-        # than live as v's base until the attention backward (1 GiB at 256k tokens).
-        q, k, v = rope(q), rope(k), v.contiguous()
-        del qkv
-        p = self.attention_dropout if self.training else 0.0
-        if self.attention == "reference":
-            o = reference_attention(q, k, v, p, self.training)
-        else:
-            with sdpa_kernel(self.sdpa_backends, set_priority=True):
-                o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        o = o.transpose(1, 2).reshape(B, T, d)  # (B, T, d)
-        return self.drop(self.proj(o))
+        chunks = self.head_chunks(B, T)
+        if len(chunks) == 1:
+            q, k, v = self._heads(self.qkv(self.norm(x)), self.num_heads)
+            o = self._core(q, k, v)  # (B, H, T, hd)
+            o = o.transpose(1, 2).reshape(B, T, d)
+            return self.drop(self.proj(o))
+        h = self.normed(x)
+        o = None
+        for heads in chunks:
+            o_c = self.attend_heads(h, heads)
+            if o is None:
+                o = o_c.new_empty(B, T, self.num_heads, o_c.shape[-1])
+            o[:, :, heads] = o_c.transpose(1, 2)
+            del o_c
+        return self.drop(self.proj(o.view(B, T, d)))
+
+    def additive_half_backward(self, x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor, params: list):
+        """The reversible backward of ``y = other + self(x)`` with head chunks, in y's and dy's memory.
+
+        Each chunk's attention is run once with its graph and differentiated at once: its output cotangent
+        ``dy @ W_proj`` does not depend on F(x), because the coupling is additive. Only the normed input,
+        the attention output and its cotangent (each (B, T, d) in the compute dtype) outlive a chunk.
+        Returns (other, d_other, dx, dparams) like ``revnet_core.sweep.half_backward``, dparams in
+        ``params``' order. Requires a block that draws no random numbers (the caller checks).
+        """
+        B, T, d = x.shape
+        grads: dict[torch.Tensor, torch.Tensor] = {}
+
+        def add(p, g):
+            if g is not None:
+                grads[p] = g if p not in grads else grads[p].add_(g)
+
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            h = self.normed(xg)
+        h_leaf = h.detach().requires_grad_(True)
+        w_qkv, w_proj = self.qkv.weight, self.proj.weight
+        do = torch.matmul(dy, w_proj).view(B, T, self.num_heads, -1)  # the cotangent of proj's input
+        o, dh = None, None
+        for heads in self.head_chunks(B, T):
+            wanted = [h_leaf] + ([w_qkv] if w_qkv.requires_grad else [])
+            with torch.enable_grad():
+                o_c = self.attend_heads(h_leaf, heads)
+            # The cotangent laid out like the output: fused kernels' backwards expect matching strides.
+            do_c = torch.empty_like(o_c).copy_(do[:, :, heads].transpose(1, 2))
+            got = torch.autograd.grad(o_c, wanted, do_c)
+            dh = got[0] if dh is None else dh.add_(got[0])
+            if len(got) > 1:
+                add(w_qkv, got[1])
+            if o is None:
+                o = o_c.new_empty(B, T, self.num_heads, o_c.shape[-1])
+            o[:, :, heads] = o_c.detach().transpose(1, 2)
+            del o_c, do_c, got
+        del do
+        with torch.enable_grad():
+            fx = self.drop(self.proj(o.view(B, T, d)))
+        if w_proj.requires_grad:
+            add(w_proj, torch.autograd.grad(fx, [w_proj], dy.to(fx.dtype))[0])
+        y.sub_(fx.detach())  # the additive coupling's inverse, in place: y becomes the other stream
+        del fx, o
+        norm_params = [p for p in self.norm.parameters() if p.requires_grad]
+        got = torch.autograd.grad(h, [xg, *norm_params], dh)
+        dx = got[0]
+        for p, g in zip(norm_params, got[1:]):
+            add(p, g)
+        return y, dy, dx, [grads.get(p) for p in params]
 
 
 def activate(kind: str, u: torch.Tensor) -> torch.Tensor:

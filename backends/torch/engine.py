@@ -20,6 +20,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from revnet_core.couplings import AdditiveCoupling
 from revnet_core.errors import ReversibilityError
 from revnet_core.sweep import LayerSpec, backward_step, forward_step, half_backward, pair_backward_step
 
@@ -146,6 +147,22 @@ def chunked_half(block: _Block, coupling, u, y, dy, vjp, coupling_autodiff, over
     return y, dy, du, dparams
 
 
+def head_chunked_half(block: _Block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite: bool):
+    """The F half through the block's own head-chunked backward where it has one and it applies: an
+    additive coupling (the chunks' cotangents need not wait for F), an attention run over more than one
+    head chunk, no random draws to replay, and an eager module (a compiled forward would not be the
+    function the eager chunks compute bit for bit). Otherwise ``half_backward``.
+    """
+    module = block.module
+    fast = getattr(module, "additive_half_backward", None)
+    if (fast is not None and overwrite and type(coupling) is AdditiveCoupling and not block.record_rng
+            and getattr(module, "_compiled_call_impl", None) is None
+            and len(module.head_chunks(u.shape[0], u.shape[-2])) > 1):
+        with block.autocast.replay():
+            return fast(u, y, dy, block.params)
+    return half_backward(block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite)
+
+
 class Segment:
     """A run of consecutive ``reverse`` layers of one forward pass: holds the outputs of the layer whose
     backward runs next (the top layer's after the forward, then each rebuilt input in turn).
@@ -242,7 +259,8 @@ class _LayerRun(_Run):
             dy1, dy2 = dy1.clone(), dy2.clone()
         with torch.no_grad():
             x1, x2, dx1, dx2, dpf, dpg = backward_step(y1, y2, dy1, dy2, self.spec, _vjp, _coupling_autodiff,
-                                                       overwrite=True, g_half=chunked_half)
+                                                       overwrite=True, g_half=chunked_half,
+                                                       f_half=head_chunked_half)
         return x1, x2, dx1, dx2, dpf + dpg
 
 

@@ -50,7 +50,8 @@ class ReversibleAttention(_CoupledHalf):
 
     def __init__(self, d_model: int, num_heads: int, coupling="additive", *, attention_dropout: float = 0.0,
                  dropout: float = 0.0, norm: str = "layernorm", norm_eps: float = 1e-5, attention: str = "sdpa",
-                 use_flash_attention: bool = True, rope_base: float = 10000.0, rotary: Rotary | None = None):
+                 use_flash_attention: bool = True, rope_base: float = 10000.0, rotary: Rotary | None = None,
+                 head_chunk: int = 0, window: int | None = None):
         super().__init__(coupling)
         if d_model % num_heads:
             raise ValueError(f"{d_model=} must be divisible by {num_heads=}")
@@ -58,7 +59,7 @@ class ReversibleAttention(_CoupledHalf):
         self.block = AttentionBlock(
             d_model, num_heads, self.coupling.fx_features(d_model), rotary, norm=norm, eps=norm_eps,
             attention=attention, use_flash_attention=use_flash_attention, attention_dropout=attention_dropout,
-            dropout=dropout,
+            dropout=dropout, head_chunk=head_chunk, window=window,
         )
 
 
@@ -105,7 +106,8 @@ class ReversibleLayer(nn.Module):
         attn = ReversibleAttention(
             cfg.d_model, cfg.num_heads, resolve_coupling(cfg), attention_dropout=cfg.attention_dropout,
             dropout=cfg.dropout, norm=cfg.norm, norm_eps=cfg.norm_eps, attention=cfg.attention,
-            use_flash_attention=cfg.use_flash_attention, rotary=rotary,
+            use_flash_attention=cfg.use_flash_attention, rotary=rotary, head_chunk=cfg.attn_head_chunk,
+            window=cfg.attention_window,
         )
         ffn = ReversibleFFN(
             cfg.d_model, cfg.ffn_dim, resolve_coupling(cfg), activation=cfg.activation, dropout=cfg.dropout,

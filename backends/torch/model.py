@@ -79,6 +79,13 @@ class ReversibleTransformer(nn.Module):
 
         attach(self, scheduler)
 
+    def set_attention_window(self, window: int | None) -> None:
+        """Sliding-window attention in every layer: each token sees itself and the ``window - 1`` before it
+        (None: full causal attention). Recorded in ``config`` so checkpoints rebuild the same model."""
+        self.config = self.config.replace(attention_window=window)  # validates
+        for layer in self.layers:
+            layer.attn.block.window = window
+
     def compile_blocks(self, **options) -> "ReversibleTransformer":
         """``torch.compile`` every attention and FFN block in place; the sweep itself stays eager."""
         for layer in self.layers:

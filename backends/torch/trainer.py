@@ -217,8 +217,9 @@ class LongContextTrainer:
     held-out evaluations (also at the end). ``out_dir``: where the log, checkpoints and plot go; None
     keeps everything in memory (``trainer.history``). ``checkpoint_every``: steps between checkpoints (one
     is always written at the end when there is an ``out_dir``).
-    ``attention_window_size`` and ``use_linear_attention_approximation`` are the seed README's keywords;
-    the torch attention is full causal attention, so setting either raises instead of being ignored.
+    ``attention_window_size``: sliding-window attention over the last N tokens in every layer (the model's
+    ``set_attention_window``; None keeps the model's own). ``use_linear_attention_approximation`` is a seed
+    README keyword for a system not built: setting it raises instead of being ignored.
     """
 
     def __init__(self, model: torch.nn.Module, max_length: int | None = None, gradient_accumulation_steps: int = 1,
@@ -228,16 +229,18 @@ class LongContextTrainer:
                  checkpoint_every: int | None = None, device: str | torch.device | None = None, seed: int = 0,
                  progress: bool = True, plot: bool = True, callbacks: Iterable[Callable] = (),
                  attention_window_size: int | None = None, use_linear_attention_approximation: bool = False):
-        if attention_window_size is not None:
-            raise ConfigError(
-                f"attention_window_size={attention_window_size}: sliding-window attention is not implemented "
-                "in the torch backend yet (attention is full causal); leave it None")
         if use_linear_attention_approximation:
             raise ConfigError("use_linear_attention_approximation=True: linear attention is not implemented in "
                               "the torch backend yet (attention is exact); leave it False")
         config = getattr(model, "config", None)
         if config is None:
             raise ConfigError("the model has no .config: pass a model built by revnet_core.build or revnet_torch")
+        if attention_window_size is not None:
+            if not hasattr(model, "set_attention_window"):
+                raise ConfigError(f"attention_window_size={attention_window_size}: {type(model).__name__} has no "
+                                  "set_attention_window; pass a revnet_torch ReversibleTransformer")
+            model.set_attention_window(attention_window_size)
+            config = model.config
         self.model = model
         self.config = config
         self.max_length = config.max_seq_len if max_length is None else max_length

@@ -1,6 +1,7 @@
 """The cost model's arithmetic, framework-free: the seed model's fixed costs, the per-layer formulas, how bytes
 scale with depth and length, and relative compute. (That the predictions match what torch actually saves
-and allocates is tested in tests/torch/test_scheduler.py and test_profiler.py.)"""
+and allocates is tested in tests/torch/test_scheduler.py, test_profiler.py and, for head chunks,
+test_cost_model.py.)"""
 
 import subprocess
 import sys
@@ -55,6 +56,69 @@ def test_store_layer_bytes_follow_the_formula(autocast, T):
     assert cm.layer_saved_bytes("store") == store_layer_formula(cfg, w) + rope
     assert cm.layer_saved_bytes("reverse") == 0
     assert cm.layer_saved_bytes("checkpoint") == 2 * cm.stream_bytes()  # its two inputs
+
+
+def test_head_chunks_follow_the_attention_block():
+    """AttentionBlock.head_chunks: ``attn_head_chunk`` heads each (the last chunk may be short), or when 0
+    about 2^20 // (B*T) of them, at most H: one chunk up to 64k tokens at batch 1."""
+    def counts(H, chunk, T, batch=1, d=None):
+        cfg = ModelConfig(num_layers=2, d_model=d or 16 * H, num_heads=H, attn_head_chunk=chunk)
+        return CostModel(cfg, Workload(batch=batch, seq_len=T)).sizes.head_counts()
+
+    assert counts(3, 1, 64) == [1, 1, 1]
+    assert counts(4, 2, 64) == [2, 2]
+    assert counts(4, 3, 64) == [3, 1]
+    assert counts(4, 4, 64) == counts(4, 9, 64) == counts(4, 0, 64) == [4]
+    assert counts(16, 0, 65536, d=1024) == [16]
+    assert counts(16, 0, 262144, d=1024) == counts(16, 0, 65536, batch=4, d=1024) == [4] * 4
+    assert counts(16, 0, 1048576, d=1024) == [1] * 16
+
+
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+@pytest.mark.parametrize("heads, chunk", [(3, 1), (4, 2), (4, 3)])
+@pytest.mark.parametrize("T", [64, 1000])
+def test_head_chunked_store_layer_bytes(autocast, heads, chunk, T):
+    """A stored layer with head chunks saves the unchunked layer's bytes (split by chunk), plus the (B, T, H,
+    hd) buffer proj reads and, without autocast, the copies of the qkv weight's rows each chunk's matmul
+    saves (under autocast it saves their casts: as many bytes as autocast's cached copy of the weight)."""
+    cfg = ModelConfig(num_layers=4, d_model=16 * heads, num_heads=heads, d_ff=96, vocab_size=100,
+                      max_seq_len=4096, attn_head_chunk=chunk)
+    w = Workload(batch=2, seq_len=T, autocast_dtype=autocast, device="cpu")
+    cm = CostModel(cfg, w)
+    assert len(cm.sizes.head_counts()) > 1
+    N, d = 2 * T, cfg.d_model
+    c = 2 if autocast else 4
+    extra = N * d * c + (0 if autocast else 3 * d * d * 4)
+    assert cm.layer_saved_bytes("store") == store_layer_formula(cfg, w) + cm.rope_table_bytes() + extra
+    assert cm.layer_saved_bytes("reverse") == 0
+    assert cm.layer_saved_bytes("checkpoint") == 2 * cm.stream_bytes()
+
+
+def test_seed_automatic_head_chunks_lower_the_reverse_peak():
+    """At 256k tokens the automatic chunks (four of four heads) hold one chunk's q, k, v and kernel buffers
+    at a time in the reversible backward, where one chunk of all 16 heads holds them all at once."""
+    w = Workload(seq_len=262144)  # batch 1, bf16 autocast on cuda, AdamW
+    auto = CostModel(SEED, w)
+    whole = CostModel(SEED.replace(attn_head_chunk=16), w)
+    assert auto.sizes.head_counts() == [4] * 4 and whole.sizes.head_counts() == [16]
+    assert auto.peak_bytes("reverse") < whole.peak_bytes("reverse")
+    assert auto.simulate("reverse").phase.startswith("backward layer")
+    # Below 64k tokens the automatic choice is one chunk: the same step as attn_head_chunk=16, to the byte.
+    short = Workload(seq_len=65536)
+    assert CostModel(SEED, short).simulate("reverse") == CostModel(SEED.replace(attn_head_chunk=16),
+                                                                   short).simulate("reverse")
+
+
+def test_attention_window_counts_as_a_fused_kernel():
+    """A sliding window changes only the kernel: counted as SDPA's fused one (output and LSE saved)."""
+    cfg = ModelConfig(num_layers=2, d_model=32, num_heads=2, attention="reference", attention_window=16)
+    w = Workload(seq_len=256, device="cpu")
+    cm = CostModel(cfg, w)
+    assert cm.sizes.attention == "sdpa"
+    fused = CostModel(cfg.replace(attention="sdpa", attention_window=None), w)
+    assert cm.saved_bytes("store") == fused.saved_bytes("store")
+    assert cm.peak_bytes("reverse") == fused.peak_bytes("reverse")
+    assert CostModel(cfg, w, attention="math").sizes.attention == "math"  # a workload's choice still wins
 
 
 def test_saved_bytes_flat_in_depth_under_reverse_and_linear_under_store():

@@ -128,6 +128,8 @@ def test_policy_and_option_errors(tiny_model):
         ReversibleTransformerJAX(compute_dtype="int8")
     with pytest.raises(ConfigError, match="unknown config field"):
         ReversibleTransformerJAX(num_layer=3)
+    with pytest.raises(ConfigError, match="torch backend only"):
+        ReversibleTransformerJAX(attention_window=16)
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

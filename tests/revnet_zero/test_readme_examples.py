@@ -342,6 +342,7 @@ def test_long_context_trainer(tmp_path):
         model=model,
         max_length=64,
         gradient_accumulation_steps=2,
+        attention_window_size=16,  # local attention window
         progress=False,
     )
     summary = trainer.train(
@@ -353,6 +354,7 @@ def test_long_context_trainer(tmp_path):
     )
     assert summary["steps"] >= 1 and torch.isfinite(torch.tensor(summary["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(layer.attn.block.window == 16 for layer in model.layers)
 
 
 def test_long_context_trainer_on_texts():
@@ -583,8 +585,8 @@ PENDING = [
     ("RationalFourierAttention", "revnet_zero.layers.RationalFourierAttention is planned, not built"),
     ("TritonRFAttention", "revnet_zero.kernels.TritonRFAttention is planned, not built"),
     ("reversible_rf", "BenchmarkSuite's 'reversible_rf' model needs RationalFourierAttention"),
-    ("attention_window_size", "LongContextTrainer(attention_window_size=..., use_linear_attention_approximation="
-                              "True): sliding-window and linear attention are not built; the trainer raises"),
+    ("use_linear_attention_approximation", "LongContextTrainer(use_linear_attention_approximation=True): linear "
+                                           "attention is not built; the trainer raises (the window works)"),
     ("DistributedReversibleTrainer", "revnet_zero.training.DistributedReversibleTrainer is planned, not built"),
     ("ReversibleAMPTrainer", "revnet_zero.training.ReversibleAMPTrainer is planned, not built"),
     ("HierarchicalReversibleAttention", "revnet_zero.experimental.HierarchicalReversibleAttention is planned"),

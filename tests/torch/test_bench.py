@@ -162,6 +162,26 @@ def test_out_of_memory_is_a_row_not_a_crash(tmp_path):
     assert png[:8] == PNG_MAGIC, plot
 
 
+def test_save_to_keeps_every_finished_cell(tmp_path):
+    """The JSON is rewritten after each cell: a run stopped midway (a device time limit) keeps its rows."""
+    path = tmp_path / "partial.json"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    class StopsTheRun(RunsOutOfMemory):
+        def forward(self, ids):
+            seen.append(len(BenchmarkResults.from_json(path)) if path.exists() else 0)
+            raise Stop
+
+    with pytest.raises(Stop):
+        BenchmarkSuite().run(models={"a": RunsOutOfMemory(99), "b": RunsOutOfMemory(0), "stop": StopsTheRun(99)},
+                             sequence_lengths=[8], steps=1, warmup=0, device="cpu", save_to=path)
+    assert seen == [2]
+    assert [r["model"] for r in BenchmarkResults.from_json(path)] == ["a", "b"]
+
+
 def test_measure_alone_catches_out_of_memory():
     assert measure(RunsOutOfMemory(0), 4, 1, device="cpu")["oom"] is True
 

@@ -69,7 +69,7 @@ def test_memory_efficient_optimizer_updates_one_tensor_at_a_time():
 
 
 @pytest.mark.parametrize("keyword, value, message", [
-    ("attention_window_size", 4096, "sliding-window attention is not implemented"),
+    ("attention_window_size", 0, "attention_window=0 must be a positive integer"),
     ("use_linear_attention_approximation", True, "linear attention is not implemented"),
     ("max_length", 128, "exceeds the model's max_seq_len=64"),
     ("gradient_accumulation_steps", 0, "must be a positive integer"),
@@ -292,3 +292,16 @@ def test_every_code_block_of_the_training_doc_runs(tmp_path, monkeypatch, capsys
     assert (tmp_path / "runs" / "resumable" / "checkpoint.pt").exists()
     steps = [r["step"] for r in read_log(tmp_path / "runs" / "resumable" / "log.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, 21))
+
+
+def test_attention_window_size_sets_a_sliding_window_that_changes_the_model():
+    ids = torch.randint(0, 256, (1, 48))
+    full = tiny()
+    windowed = tiny()
+    windowed.load_state_dict(full.state_dict())
+    trainer = LongContextTrainer(model=windowed, max_length=48, attention_window_size=8, progress=False)
+    assert trainer.config.attention_window == 8 == windowed.config.attention_window
+    assert all(layer.attn.block.window == 8 for layer in windowed.layers)
+    assert not torch.allclose(full(ids).loss, windowed(ids).loss)
+    summary = trainer.train(train_dataset=TEXTS[:2], num_epochs=1, batch_size=1)
+    assert torch.isfinite(torch.tensor(summary["loss"]))
