@@ -233,7 +233,8 @@ def plot(result: dict, path: str) -> None:
     cuda = result["environment"]["device"] == "cuda"
     unit = "GiB" if cuda else "MiB above step start"
     frontier = result["frontier"]
-    n = len(frontier) + 1
+    with_lengths = any("predicted_peak_gib" in r or "predicted_above_start_mib" in r for r in result["lengths"])
+    n = len(frontier) + with_lengths
     fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.8), dpi=110)
     axes = axes if n > 1 else [axes]
     for ax, (seq, rows) in zip(axes, sorted(frontier.items(), key=lambda kv: int(kv[0]))):
@@ -257,6 +258,11 @@ def plot(result: dict, path: str) -> None:
         ax.set_ylabel("median step time (s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if not with_lengths:  # a frontier-only run: no predicted-vs-measured panel
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return
     ax = axes[-1]
     by_policy: dict[str, list] = {}
     for r in result["lengths"]:
