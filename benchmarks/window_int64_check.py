@@ -18,6 +18,7 @@ import sys
 import torch
 
 import revnet_core
+from head_chunk_check import grads as flat_grads  # this folder is on sys.path when a script here runs
 
 
 def model_check() -> dict:
@@ -28,14 +29,7 @@ def model_check() -> dict:
     model = revnet_core.build("torch", num_layers=2, d_model=1024, num_heads=16, vocab_size=50257,
                               max_seq_len=4096, attention_window=256).to(dev)
     ids = torch.randint(0, 50257, (1, 4096), device=dev)
-    grads = {}
-    for policy in ("store", "reverse"):
-        model.zero_grad(set_to_none=True)
-        model.set_policy(policy)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids).loss
-        loss.backward()
-        grads[policy] = torch.cat([p.grad.flatten().float() for p in model.parameters()])
+    grads = {policy: flat_grads(model, ids, policy, autocast=True)[1] for policy in ("store", "reverse")}
     cos = torch.nn.functional.cosine_similarity(grads["reverse"], grads["store"], dim=0).item()
     chosen = registry.select("attention", device=dev, dtype=torch.bfloat16,
                              meta={"window": 256, "return_lse": False, "head_dim": 64, "causal": True}).impl

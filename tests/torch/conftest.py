@@ -27,3 +27,66 @@ def grads_of(model, ids, policy, **kw):
     loss = model(ids, **kw).loss
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: faster for small tensors, and the CPU attention kernel's per-thread buffers
+    (not modelled: they scale with threads, not tokens) stay small. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# Per-layer plans of 3 layers the cost model's saved bytes are checked on.
+PLANS = [["store"] * 3, ["reverse"] * 3, ["checkpoint"] * 3, ["store", "reverse", "checkpoint"],
+         ["recompute_attention", "recompute_ffn", "store"], ["reverse", "recompute_ffn", "reverse"]]
+
+
+def plan_saved_bytes(model, ids, plan, autocast: bool) -> int:
+    """Bytes autograd saves in one forward of ``model`` with ``plan`` applied through a LayerScheduler
+    (parameters excluded); the backward runs too, so the graph is consumed."""
+    from revnet_torch.memory import saved_tensor_bytes
+    from revnet_torch.scheduler import LayerScheduler
+
+    ls = LayerScheduler()
+    for i, p in enumerate(plan):
+        ls.set_policy(layers=[i], policy=p)
+    model.set_scheduler(ls)
+    model.__dict__["_revnet_scheduler"].measure = False  # measured here instead (saved-tensor hooks do not nest)
+    with saved_tensor_bytes(exclude=list(model.parameters())) as saved:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids).loss
+    loss.backward()
+    model.set_scheduler(None)
+    return saved["bytes"]
+
+
+def step_peak(model, ids, autocast: bool, before_measuring=lambda: None):
+    """(predicted, measured, cost_model): the peak above the start of a CPU training step, step 2 (AdamW's
+    state exists), every allocation recorded by DetailedMemoryProfiler, against the cost model's prediction
+    for the model's policies. ``before_measuring`` runs between step 1 and step 2."""
+    from revnet_core.cost_model import CostModel, Workload
+    from revnet_torch.profiler import DetailedMemoryProfiler
+
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # step 1 creates the optimizer state
+    before_measuring()
+    with DetailedMemoryProfiler() as prof:
+        step()
+    measured = prof.generate_report().peak("cpu")[1]
+    B, T = ids.shape
+    cm = CostModel(model.config, Workload(batch=B, seq_len=T, autocast_dtype="bfloat16" if autocast else None,
+                                          device="cpu"))
+    start = cm.parameter_bytes() + cm.optimizer_bytes() + cm.rope_table_bytes() + ids.numel() * 8
+    return cm.peak_bytes(model.policies) - start, measured, cm

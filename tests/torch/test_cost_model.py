@@ -10,19 +10,12 @@ from revnet_core import ModelConfig
 from revnet_core.cost_model import HEAD_CHUNK_TOKENS, CostModel, Workload
 from revnet_torch import blocks
 from revnet_torch.blocks import AttentionBlock
-from revnet_torch.memory import saved_tensor_bytes
-from revnet_torch.profiler import DetailedMemoryProfiler, MemoryProfiler
-from revnet_torch.scheduler import LayerScheduler
+from revnet_torch.profiler import MemoryProfiler
 
+from .conftest import PLANS, plan_saved_bytes, step_peak
+from .test_profiler import small
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: faster for small tensors, and the CPU attention kernel's per-thread buffers
-    (not modelled: they scale with threads, not tokens) stay small."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_head_chunk_constant_matches_the_blocks():
@@ -41,8 +34,6 @@ CONFIGS = [
     dict(d_model=64, num_heads=4, d_ff=64, attn_head_chunk=1, use_flash_attention=False, activation="swiglu",
          ffn_chunk_size=16),
 ]
-PLANS = [["store"] * 3, ["reverse"] * 3, ["checkpoint"] * 3, ["store", "reverse", "checkpoint"],
-         ["recompute_attention", "recompute_ffn", "store"], ["reverse", "recompute_ffn", "reverse"]]
 
 
 @pytest.mark.parametrize("fields", CONFIGS)
@@ -56,19 +47,8 @@ def test_head_chunked_saved_bytes_match_measured(fields, T, autocast):
     ids = torch.randint(0, 64, (2, T))
     cm = CostModel(cfg, Workload(batch=2, seq_len=T, autocast_dtype="bfloat16" if autocast else None, device="cpu"))
     assert head_counts(model, 2, T) == cm.sizes.head_counts() and len(cm.sizes.head_counts()) > 1
-    params = list(model.parameters())
     for plan in PLANS:
-        ls = LayerScheduler()
-        for i, p in enumerate(plan):
-            ls.set_policy(layers=[i], policy=p)
-        model.set_scheduler(ls)
-        model.__dict__["_revnet_scheduler"].measure = False  # measured here instead (hooks do not nest)
-        with saved_tensor_bytes(exclude=params) as saved:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = model(ids).loss
-        loss.backward()
-        model.set_scheduler(None)
-        assert cm.saved_bytes(plan) == saved["bytes"], plan
+        assert cm.saved_bytes(plan) == plan_saved_bytes(model, ids, plan, autocast), plan
 
 
 @pytest.mark.parametrize("coupling", ["additive", "affine"])
@@ -107,36 +87,16 @@ def test_head_chunked_step_peak_matches_the_allocator(monkeypatch, policies, fie
     included), dropout within 0.6% (as unchunked). The margin is for what the cost model leaves out: the
     CPU flash kernel's (SDPA) per-thread buffers, which scale with threads, not tokens, and weigh more next
     to one chunk's q, k, v than next to all heads' (4-7% of the peak at d_model 96-128 with bf16)."""
-    torch.manual_seed(0)
-    cfg = dict(num_layers=3, d_model=64, num_heads=4, d_ff=96, vocab_size=128, max_seq_len=1024, loss_chunk_size=64)
-    cfg.update(fields)
-    model = revnet_core.build("torch", **cfg)
+    model = small(**fields)
     model.set_policy(policies)
     T = 512
     ids = torch.randint(0, 128, (1, T))
-    opt = torch.optim.AdamW(model.parameters(), fused=True)
     calls = []
     original = AttentionBlock.additive_half_backward
     monkeypatch.setattr(AttentionBlock, "additive_half_backward",
                         lambda self, *a: calls.append(self) or original(self, *a))
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # step 1 creates the optimizer state
-    calls.clear()
-    with DetailedMemoryProfiler() as prof:
-        step()
-    measured = prof.generate_report().peak("cpu")[1]
-    cm = CostModel(model.config, Workload(seq_len=T, autocast_dtype="bfloat16" if autocast else None,
-                                          device="cpu"))
+    predicted, measured, cm = step_peak(model, ids, autocast, before_measuring=calls.clear)
     assert head_counts(model, 1, T) == cm.sizes.head_counts() and len(cm.sizes.head_counts()) > 1
     fast = fields.get("coupling", "additive") == "additive" and not fields.get("dropout")
     assert len(calls) == (policies.count("reverse") if fast else 0)  # the path the cost model follows
-    start = cm.parameter_bytes() + cm.optimizer_bytes() + cm.rope_table_bytes() + ids.numel() * 8
-    predicted = cm.peak_bytes(policies) - start
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)

@@ -11,15 +11,10 @@ from revnet_core.cost_model import CostModel, Workload
 from revnet_torch.profiler import DetailedMemoryProfiler, MemoryProfiler
 from revnet_torch.scheduler import AdaptiveScheduler
 
+from .conftest import step_peak
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: faster for small tensors, and the CPU attention kernel's per-thread buffers
-    (not modelled: they scale with threads, not tokens) stay small."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(**fields):
@@ -115,23 +110,5 @@ def test_predicted_step_peak_matches_the_allocator(policies, fields, autocast):
     is exact; the cost model must land within 5% (typically to the byte)."""
     model = small(**fields)
     model.set_policy(policies)
-    T = 512
-    ids = torch.randint(0, 128, (1, T))
-    opt = torch.optim.AdamW(model.parameters(), fused=True)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # step 1 creates the optimizer state
-    with DetailedMemoryProfiler() as prof:
-        step()
-    measured = prof.generate_report().peak("cpu")[1]
-    cm = CostModel(model.config, Workload(seq_len=T, autocast_dtype="bfloat16" if autocast else None,
-                                          device="cpu"))
-    start = cm.parameter_bytes() + cm.optimizer_bytes() + cm.rope_table_bytes() + ids.numel() * 8
-    predicted = cm.peak_bytes(policies) - start
+    predicted, measured, _ = step_peak(model, torch.randint(0, 128, (1, 512)), autocast)
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)

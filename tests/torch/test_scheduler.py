@@ -14,7 +14,7 @@ from revnet_torch.memory import saved_tensor_bytes
 from revnet_torch.scheduler import (AdaptiveScheduler, CalibratedCost, LayerScheduler, MemoryScheduler,
                                     invertible_layers)
 
-from .conftest import grads_of
+from .conftest import PLANS, grads_of, plan_saved_bytes
 
 TOL = 1e-10
 ALL = ("store", "reverse", "checkpoint", "recompute_attention", "recompute_ffn")
@@ -216,9 +216,6 @@ CONFIGS = [
     dict(d_model=32, num_heads=4, d_ff=64, activation="swiglu", coupling="additive", ffn_chunk_size=16),
     dict(d_model=32, num_heads=2, d_ff=40, activation="silu", coupling="affine", norm="rmsnorm"),
 ]
-PLANS = [["store"] * 3, ["reverse"] * 3, ["checkpoint"] * 3, ["store", "reverse", "checkpoint"],
-         ["recompute_attention", "recompute_ffn", "store"], ["reverse", "recompute_ffn", "reverse"]]
-
 
 @pytest.mark.parametrize("fields", CONFIGS)
 @pytest.mark.parametrize("T", [40, 96])
@@ -230,21 +227,10 @@ def test_predicted_saved_bytes_match_measured(fields, T, autocast):
     model = revnet_core.build("torch", config=cfg)
     ids = torch.randint(0, 64, (2, T))
     cm = CostModel(cfg, Workload(batch=2, seq_len=T, autocast_dtype="bfloat16" if autocast else None, device="cpu"))
-    params = list(model.parameters())
     for plan in PLANS:
-        ls = LayerScheduler()
-        for i, p in enumerate(plan):
-            ls.set_policy(layers=[i], policy=p)
-        model.set_scheduler(ls)
-        handle = model.__dict__["_revnet_scheduler"]
-        handle.measure = False  # measured here instead (saved-tensor hooks do not nest)
-        with saved_tensor_bytes(exclude=params) as saved:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                loss = model(ids).loss
-        loss.backward()
-        model.set_scheduler(None)
+        measured = plan_saved_bytes(model, ids, plan, autocast)
         predicted = cm.saved_bytes(plan)
-        assert abs(predicted - saved["bytes"]) <= 0.05 * saved["bytes"], (plan, predicted, saved["bytes"])
+        assert abs(predicted - measured) <= 0.05 * measured, (plan, predicted, measured)
 
 
 def test_rope_chunk_constant_matches_the_blocks():
