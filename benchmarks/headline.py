@@ -18,6 +18,7 @@ START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 COLUMNS = (("plain", "plain PyTorch"), ("checkpoint", "checkpoint per layer"),
            ("offload", "checkpoint + CPU offload"), ("reversible", "reversible (ours)"))
 GiB = 2**30
+SEED_LAYERS = 24  # the pinned seed model's depth (MEASURING.md)
 
 
 def _load(rel: str) -> dict:
@@ -55,8 +56,12 @@ def render() -> str:
                 r.get("peak_allocated_gib"), r.get("step_s_median"), r.get("oom", False), note)
     one_m = _load("long_context/reversible_1m_2layers_head_chunks_h100.json")
     (r1,) = one_m["rows"]
-    per_layer_state = 12_582_912 * 16  # one layer's parameters, gradients and AdamW state (fp32)
-    proj = r1["peak_allocated_gib"] + (24 - r1["layers"]) * per_layer_state / GiB
+    from revnet_core import ModelConfig
+    from revnet_core.cost_model import CostModel
+
+    # one layer's parameters, gradients and AdamW state, fp32: 16 bytes a parameter
+    per_layer_state = CostModel(ModelConfig(**one_m["config"])).layer_parameter_count() * 16
+    proj = r1["peak_allocated_gib"] + (SEED_LAYERS - r1["layers"]) * per_layer_state / GiB
     cells[r1["seq"]] = {"reversible": f"{proj:.1f} GiB projected ² ({r1['peak_allocated_gib']:.2f} measured "
                                       f"with {r1['layers']} layers, {r1['step_s_median']:.1f} s)"}
     mc = _load("long_context/max_context_h100.json")["row"]
@@ -73,7 +78,8 @@ def render() -> str:
         "",
         "¹ a separate device command on the same kind of GPU, not the run of its row's other columns. "
         "² activations are flat in depth under `reverse`, so the missing layers add their parameters, "
-        "gradients and AdamW state (16 bytes x 12,582,912 parameters each); the cost model predicts the same. "
+        f"gradients and AdamW state (16 bytes x {per_layer_state // 16:,} parameters each, norms included); the "
+        "cost model predicts the same. "
         f"³ the cost model's longest length under 85% of the GPU's {mc['device_total_gib']:.1f} GiB, confirmed by "
         "one real step.",
     ]
