@@ -7,7 +7,8 @@ fused ops against torch eager.
     python benchmarks/kernels_bench.py --render DIR         # DIR/*.json -> docs/benchmarks/kernels.md
     TRITON_INTERPRET=1 python benchmarks/kernels_bench.py --smoke --out /tmp/x   # tiny sizes on CPU
 
-Timings: median over repetitions timed with CUDA events, after warm-up (first calls compile). Attention
+Timings: median over repetitions queued back to back, each between CUDA events, one synchronisation at the
+end (the GPU never waits on Python's launches), after warm-up (first calls compile). Attention
 FLOPs count causal work only: forward 2 B H T^2 D (two matmuls over half the score matrix), backward
 2.5 x forward. Each cross-entropy cell runs in its own process so its peak memory is its own.
 """
@@ -61,7 +62,11 @@ def sync():
 
 
 def median_ms(fn, budget_s: float = 1.0, min_reps: int = 5, max_reps: int = 50, warmup: int = 2) -> dict:
-    """Median (and spread) of fn's time in ms over repetitions sized to about budget_s."""
+    """Median (and spread) of fn's time in ms over repetitions sized to about budget_s.
+
+    On CUDA the repetitions are queued back to back, each between its own pair of events, and synchronised
+    once at the end: the GPU does not sit idle while Python launches the next repetition (as in training),
+    so short calls time the kernels rather than the launch latency."""
     for _ in range(warmup):
         fn()
     sync()
@@ -70,16 +75,17 @@ def median_ms(fn, budget_s: float = 1.0, min_reps: int = 5, max_reps: int = 50, 
     sync()
     estimate = max(time.perf_counter() - t0, 1e-6)
     reps = int(min(max(budget_s / estimate, min_reps), max_reps))
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if torch.cuda.is_available():
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
             start.record()
             fn()
             end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        times = []
+        for _ in range(reps):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
@@ -126,19 +132,20 @@ def warm_attention(spec: dict) -> str:
     return "ok"
 
 
-def check_attention(B, H, Hk, T, D, dtype, window=None, with_sdpa=False) -> dict:
+def check_attention(B, H, Hk, T, D, dtype, window=None, with_sdpa=False, blocks=None) -> dict:
     """Relative errors of the Triton kernel (and optionally SDPA) against the fp64 reference."""
     from revnet_kernels.attn import reference_attention
     from revnet_kernels.attn_triton import flash_attention
 
     q, k, v, do = attn_inputs(B, H, Hk, T, D, dtype, seed=T)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, lse = flash_attention(*leaves, True, window)
+    o, lse = flash_attention(*leaves, True, window, None, blocks)
     got = [o, lse, *torch.autograd.grad(o, leaves, do)]
     ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ro, rlse = reference_attention(*ref_leaves, True, window)
     want = [ro, rlse, *torch.autograd.grad(ro, ref_leaves, do.double())]
     out = {"shape": dict(B=B, H=H, Hkv=Hk, T=T, D=D, window=window), "dtype": str(dtype).removeprefix("torch."),
+           "atomic_dq": bool(blocks and blocks.atomic_dq),
            "triton": {n: rel_err(a, b) for n, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want)}}
     out["triton_max_abs"] = {n: (a.double() - b).abs().max().item() for n, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want)}
     if with_sdpa:
@@ -194,9 +201,16 @@ SWEEP = {  # (block_m, block_n, num_warps, num_stages) candidates; the first of 
           "dq": [(64, 32, 4, 3), (64, 64, 4, 3), (64, 32, 8, 3), (128, 32, 8, 3)],
           "kv": [(64, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 2), (32, 64, 8, 3)]},
 }
+# dK/dV kernel tiles with dQ added atomically (AttentionBlocks.atomic_dq): no dQ kernel at all
+ATOMIC_SWEEP = {
+    64: [(64, 128, 8, 3), (64, 128, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
+    128: [(64, 128, 8, 3), (64, 128, 8, 4), (64, 128, 8, 2), (64, 128, 4, 3), (32, 128, 4, 3), (32, 128, 8, 3),
+          (64, 64, 8, 3)],  # (128, 128, *, 2 or 3) needs 257-322 KiB of shared memory: over sm_90's 227
+}
 PREFIX = {"fwd": ("block_m", "block_n", "num_warps", "num_stages"),
           "dq": ("dq_block_m", "dq_block_n", "dq_num_warps", "dq_num_stages"),
           "kv": ("kv_block_m", "kv_block_n", "kv_num_warps", "kv_num_stages")}
+PREFIX["atomic"] = PREFIX["kv"]  # the atomic-dQ backward is the dK/dV kernel alone
 
 
 def sweep_specs(D: int) -> list[dict]:
@@ -206,11 +220,31 @@ def sweep_specs(D: int) -> list[dict]:
     from revnet_kernels.attn_triton import AttentionBlocks
 
     base = asdict(AttentionBlocks.get_default(D, torch.bfloat16, torch.device("cuda")))
+    # the two-kernel rows pair with the first (two-kernel default) dK/dV tiles, whatever the shipped default is
+    base |= dict(zip(PREFIX["kv"], SWEEP[D]["kv"][0])) | {"atomic_dq": False}
     specs = []
     for kernel, cands in SWEEP[D].items():
         for cand in cands:
             specs.append({"kernel": kernel, "blocks": base | dict(zip(PREFIX[kernel], cand))})
+    for cand in ATOMIC_SWEEP[D]:
+        specs.append({"kernel": "atomic", "blocks": base | dict(zip(PREFIX["kv"], cand)) | {"atomic_dq": True}})
     return specs
+
+
+def best_blocks(rows: list[dict]) -> dict:
+    """The fastest forward tiles, and the faster backward: the best dQ and dK/dV tiles of the two-kernel
+    backward (each timed with the other at its default), or the best atomic-dQ tiles."""
+    def fastest(kernel):
+        ok = (r for r in rows if r["kernel"] == kernel and "median_ms" in r)
+        return min(ok, key=lambda r: r["median_ms"], default=None)
+
+    best = {p: fastest("fwd")["blocks"][p] for p in PREFIX["fwd"]}
+    dq, kv, atomic = fastest("dq"), fastest("kv"), fastest("atomic")
+    # atomics cost an fp32 dQ buffer and run-to-run bit differences: worth it only beyond timing noise
+    if atomic is not None and atomic["median_ms"] < 0.97 * min(dq["median_ms"], kv["median_ms"]):
+        return best | {p: atomic["blocks"][p] for p in (*PREFIX["kv"], *PREFIX["dq"])} | {"atomic_dq": True}
+    return best | {p: dq["blocks"][p] for p in PREFIX["dq"]} | {p: kv["blocks"][p] for p in PREFIX["kv"]} | {
+        "atomic_dq": False}
 
 
 def heads_for(D: int) -> int:
@@ -227,15 +261,13 @@ def run_sweep(args) -> dict:
         for spec in sweep_specs(D):
             blocks = blocks_from(spec["blocks"])
             fn = attn_step("triton", q, k, v, do, blocks, backward=spec["kernel"] != "fwd")
-            rows.append(spec | median_ms(fn, budget_s=0.3))
+            try:
+                rows.append(spec | median_ms(fn, budget_s=0.3))
+            except Exception as exc:  # e.g. a tile that needs more shared memory than the device has
+                rows.append(spec | {"error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             print(f"sweep D={D} {spec['kernel']} {[spec['blocks'][p] for p in PREFIX[spec['kernel']]]} "
-                  f"{rows[-1]['median_ms']:.3f} ms", flush=True)
-        best = {}
-        for kernel in PREFIX:
-            cands = [r for r in rows if r["kernel"] == kernel]
-            win = min(cands, key=lambda r: r["median_ms"])
-            best |= {p: win["blocks"][p] for p in PREFIX[kernel]}
-        results[D] = {"T": T, "H": H, "rows": rows, "best": best}
+                  + (f"{rows[-1]['median_ms']:.3f} ms" if "median_ms" in rows[-1] else rows[-1]["error"]), flush=True)
+        results[D] = {"T": T, "H": H, "rows": rows, "best": best_blocks(rows)}
     return results
 
 
@@ -481,12 +513,20 @@ def run_small_ops(args) -> dict:
 
 def warm_specs(args) -> list[dict]:
     """Every attention configuration the run launches, compiled up front in parallel processes."""
+    from dataclasses import asdict
+
+    from revnet_kernels.attn_triton import AttentionBlocks
+
     specs = []
     for D in (64, 128):
         H = heads_for(D)
         specs += [{"dtype": "bfloat16", "D": D, "H": H, "Hk": H, "blocks": s["blocks"]} for s in sweep_specs(D)]
     specs += [{"dtype": "float32", "D": 64, "H": 4, "Hk": 2, "window": w} for w in (None, 300)]
     specs += [{"dtype": "bfloat16", "D": 128, "H": 8, "Hk": 2, "window": 1024, "T": 1024}]
+    f32 = asdict(AttentionBlocks.get_default(64, torch.float32, torch.device("cuda"))) | {"atomic_dq": True}
+    specs += [{"dtype": "float32", "D": 64, "H": 4, "Hk": 2, "window": 300, "blocks": f32}]
+    specs += [{"dtype": "bfloat16", "D": 128, "H": 8, "Hk": 2, "window": 1024, "T": 1024,
+               "blocks": asdict(AttentionBlocks.get_default(128, torch.bfloat16, torch.device("cuda"))) | {"atomic_dq": True}}]
     return specs
 
 
@@ -535,6 +575,16 @@ def main() -> None:
         checks += [check_attention(1, heads_for(D), heads_for(D), big, D, torch.bfloat16, with_sdpa=torch.cuda.is_available())
                    for D in (64, 128)]
         checks += [check_attention(1, 8, 2, 100 if args.smoke else 3001, 128, torch.bfloat16, window=40 if args.smoke else 1024)]
+        # the atomic-dQ backward, whichever the defaults pick
+        from dataclasses import replace
+
+        from revnet_kernels.attn_triton import AttentionBlocks
+
+        atomic = lambda D, dtype: replace(AttentionBlocks.get_default(D, dtype, torch.device(dev())), atomic_dq=True)  # noqa: E731
+        checks += [check_attention(1, 4, 2, T, 64, torch.float32, window=300, blocks=atomic(64, torch.float32)),
+                   check_attention(1, 8, 8, big, 128, torch.bfloat16, blocks=atomic(128, torch.bfloat16)),
+                   check_attention(1, 8, 2, 100 if args.smoke else 3001, 128, torch.bfloat16,
+                                   window=40 if args.smoke else 1024, blocks=atomic(128, torch.bfloat16))]
         for c in checks:
             print("check", json.dumps(c), flush=True)
         save("correctness", {"attention": checks})
@@ -583,7 +633,7 @@ def render(folder: Path) -> None:
     if att:
         lines += ["## Attention, causal, bf16, batch 1, d_model 1024 (forward + backward)", "",
                   "TFLOP/s count causal work: forward 2·B·H·T²·D, backward 2.5x forward. Median of repetitions "
-                  "timed with CUDA events.", "",
+                  "queued back to back, each between CUDA events.", "",
                   "| D | H | tokens | Triton fwd+bwd | SDPA flash | SDPA cuDNN | Triton / flash | Triton / cuDNN "
                   "| Triton fwd | flash fwd | cuDNN fwd |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         by = {(r["D"], r["T"], r["impl"]): r for r in att["rows"]}
@@ -598,11 +648,14 @@ def render(folder: Path) -> None:
         lines += ["", f"Triton tiles used ({att.get('tiles', 'sweep')}): {att.get('blocks')}", ""]
     if sweep:
         lines += ["## Tile sweep (bf16, causal, 16k tokens; each kernel varied with the others at their defaults)", "",
+                  "`atomic` rows time the dK/dV kernel alone with dQ added through fp32 atomics "
+                  "(`AttentionBlocks.atomic_dq`); the others the two-kernel backward. Times are forward + backward.", "",
                   "| D | kernel | block_m, block_n, warps, stages | ms |", "|---|---|---|---|"]
         for D, s in sweep["sweep"].items():
             for r in s["rows"]:
                 cfg = [r["blocks"][p] for p in PREFIX[r["kernel"]]]
-                lines.append(f"| {D} | {r['kernel']} | {cfg} | {r['median_ms']:.3f} |")
+                ms = f"{r['median_ms']:.3f}" if "median_ms" in r else r["error"].split(":")[0]
+                lines.append(f"| {D} | {r['kernel']} | {cfg} | {ms} |")
         lines.append("")
     if cor:
         lines += ["## Attention correctness on the device (relative L2 error against the fp64 reference)", "",
@@ -610,7 +663,8 @@ def render(folder: Path) -> None:
         for c in cor["attention"]:
             e = c["triton"]
             sd = ", ".join(f"{v:.1e}" for v in c.get("sdpa_flash", {}).values()) or "-"
-            lines.append(f"| {c['dtype']} | {c['shape']} | " + " | ".join(f"{e[k]:.1e}" for k in ("o", "lse", "dq", "dk", "dv"))
+            kind = " (atomic dQ)" if c.get("atomic_dq") else ""
+            lines.append(f"| {c['dtype']}{kind} | {c['shape']} | " + " | ".join(f"{e[k]:.1e}" for k in ("o", "lse", "dq", "dk", "dv"))
                          + f" | {sd} |")
         lines.append("")
     if ce:

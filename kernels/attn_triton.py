@@ -47,6 +47,9 @@ class AttentionBlocks:
     kv_num_warps: int = 8
     kv_num_stages: int = 3
     int64_offsets: bool | None = None  # None: int64 row offsets only where T * stride can reach 2^31
+    # dQ from the dK/dV kernel through fp32 atomics (5 matmuls per block pair instead of 7, one fp32 (B, H, T,
+    # D) buffer more, run-to-run bit differences); off under torch.use_deterministic_algorithms.
+    atomic_dq: bool = False
 
     @classmethod
     def get_default(cls, head_dim: int, dtype: torch.dtype | None = None,
@@ -61,7 +64,9 @@ class AttentionBlocks:
             return cls(64, 32, 4, 2, 64, 32, 4, 2, 32, 64, 4, 2)
         if head_dim <= 64:
             return cls(128, 64, 8, 3, 128, 64, 8, 3, 32, 64, 4, 3)
-        return cls(128, 64, 8, 3, 64, 32, 4, 3, 64, 64, 8, 3)
+        # head dim 128: the atomic-dQ backward, 1.5x the two-kernel one at 16k (docs/benchmarks/kernels.md); the
+        # dQ tiles serve deterministic mode
+        return cls(128, 64, 8, 3, 64, 32, 4, 3, 64, 128, 8, 3, atomic_dq=True)
 
     def validate(self) -> None:
         for name in ("block_m", "block_n", "dq_block_m", "dq_block_n", "kv_block_m", "kv_block_n"):
@@ -212,11 +217,12 @@ def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, s
 
 
 @triton.jit
-def _bwd_kv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, hi, seq_len, window,
-                    qk_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
+def _bwd_kv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_qt, stride_dot, stride_dqt, offs_n, lo, hi,
+                    seq_len, window, qk_scale, sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
                     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        OFFSETS_64: tl.constexpr):
-    """dv_j += sum_i p_ij do_i and dk_j += sum_i ds_ij q_i (unscaled) over query blocks [lo, hi)."""
+                    OFFSETS_64: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dv_j += sum_i p_ij do_i and dk_j += sum_i ds_ij q_i (unscaled) over query blocks [lo, hi); with
+    ATOMIC_DQ also dq_i += scale sum_j ds_ij k_j, added atomically into DQ (fp32)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -248,20 +254,31 @@ def _bwd_kv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, stride_qt, stride_dot, offs
         dpT = dot(v, tl.trans(do), None, PRECISION, UPCAST)  # (BN, BM)
         dsT = pT * (dpT - delta[None, :])
         dk = dot(dsT.to(qT.dtype), tl.trans(qT), dk, PRECISION, UPCAST)
+        if ATOMIC_DQ:
+            # FlashAttention-2's order: one pass over (key block, query block) pairs does five matmuls,
+            # where separate dK/dV and dQ kernels do seven; the price is fp32 atomics on dQ.
+            dq = dot(tl.trans(dsT).to(k.dtype), k, None, PRECISION, UPCAST) * sm_scale  # (BM, D)
+            dq_ptrs = DQ + rows_m[:, None] * stride_dqt + offs_d[None, :]
+            if MASK:
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                    stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                   stride_dqb, stride_dqh, stride_dqt,
                    num_heads, num_kv_heads, seq_len, window, qk_scale, sm_scale,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        OFFSETS_64: tl.constexpr):
+                   OFFSETS_64: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dk_j = scale sum_i ds_ij q_i and dv_j = sum_i p_ij do_i, one program per (key block, batch x kv head),
-    summing over the GROUP query heads that share the kv head (GQA without atomics)."""
+    summing over the GROUP query heads that share the kv head (GQA without atomics on dK/dV). With ATOMIC_DQ
+    it also adds dq_i into DQ (fp32, zeroed by the caller), and no dQ kernel is needed."""
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
     b = (bhk // num_kv_heads).to(tl.int64)
@@ -303,16 +320,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA,
         DOh = DO + b * stride_dob + h * stride_doh
         LSEh = LSE + (b * num_heads + h) * seq_len
         DELTAh = DELTA + (b * num_heads + h) * seq_len
+        DQh = DQ + b * stride_dqb + h * stride_dqh
         if CAUSAL:
-            dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, lo, diag_hi,
-                                     seq_len, window, qk_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW,
-                                     PRECISION, UPCAST, OFFSETS_64)
-        dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, diag_hi,
-                                 mid_end, seq_len, window, qk_scale, BLOCK_M, HEAD_DIM, False, CAUSAL, HAS_WINDOW,
-                                 PRECISION, UPCAST, OFFSETS_64)
-        dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, mid_end, end,
-                                 seq_len, window, qk_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, PRECISION,
-                                 UPCAST, OFFSETS_64)
+            dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n, lo, diag_hi,
+                                     seq_len, window, qk_scale, sm_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW,
+                                     PRECISION, UPCAST, OFFSETS_64, ATOMIC_DQ)
+        dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n, diag_hi,
+                                 mid_end, seq_len, window, qk_scale, sm_scale, BLOCK_M, HEAD_DIM, False, CAUSAL, HAS_WINDOW,
+                                 PRECISION, UPCAST, OFFSETS_64, ATOMIC_DQ)
+        dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n, mid_end, end,
+                                 seq_len, window, qk_scale, sm_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, PRECISION,
+                                 UPCAST, OFFSETS_64, ATOMIC_DQ)
 
     DK += b * stride_dkb + hk * stride_dkh + start_n.to(tl.int64) * stride_dkt
     DV += b * stride_dvb + hk * stride_dvh + start_n.to(tl.int64) * stride_dvt
@@ -479,13 +497,18 @@ def attention_backward(q, k, v, o, lse, do, causal: bool = True, window: int | N
         num_warps=4,
     )
     dq, dk, dv = _like_bthd(q), _like_bthd(k), _like_bthd(v)
+    atomic = blocks.atomic_dq and not torch.are_deterministic_algorithms_enabled()
+    dq_acc = torch.zeros((B, H, T, D), dtype=torch.float32, device=q.device) if atomic else dq
     _attn_bwd_dkdv[(cdiv(T, blocks.kv_block_n), B * Hk)](
-        q, k, v, do, dk, dv, lse, delta,
+        q, k, v, do, dk, dv, dq_acc, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        H, Hk, T, window or 0, scale * _LOG2E, scale,
-        GROUP=H // Hk, BLOCK_M=blocks.kv_block_m, BLOCK_N=blocks.kv_block_n, **common,
+        *dq_acc.stride()[:3], H, Hk, T, window or 0, scale * _LOG2E, scale,
+        GROUP=H // Hk, BLOCK_M=blocks.kv_block_m, BLOCK_N=blocks.kv_block_n, ATOMIC_DQ=atomic, **common,
         num_warps=blocks.kv_num_warps, num_stages=blocks.kv_num_stages,
     )
+    if atomic:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
     _attn_bwd_dq[(cdiv(T, blocks.dq_block_m), B * H)](
         q, k, v, do, dq, lse, delta,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],

@@ -72,6 +72,31 @@ def test_half_precision_close_to_reference(dtype, tol, window):
         assert rel_err(g, w) < tol, name
 
 
+ATOMIC = AttentionBlocks(**{**AttentionBlocks.get_default(16).__dict__, "atomic_dq": True})
+
+
+@pytest.mark.parametrize("B,H,Hk,T,D,causal,window", [
+    (1, 1, 1, 1, 16, True, None),
+    (2, 3, 3, 17, 16, False, None),
+    (1, 3, 1, 129, 16, True, None),  # GQA: three query heads add into their own dq from one kv program
+    (1, 2, 1, 129, 16, True, 48),
+])
+def test_atomic_dq_matches_reference(B, H, Hk, T, D, causal, window):
+    got, want = run_both(B, H, Hk, T, D, causal, window, blocks=ATOMIC)
+    for name, g, w in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g.double(), w, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_atomic_dq_is_off_under_deterministic_algorithms(monkeypatch):
+    """Deterministic mode runs the dQ kernel: bit-equal to the default tiles, whose dQ has no atomics."""
+    torch.manual_seed(11)
+    plain, _ = run_both(1, 2, 1, 40, 16, True, None)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    torch.manual_seed(11)
+    forced, _ = run_both(1, 2, 1, 40, 16, True, None, blocks=ATOMIC)
+    assert all(torch.equal(a, b) for a, b in zip(plain, forced))
+
+
 def test_strided_inputs_give_the_same_result():
     torch.manual_seed(3)
     got_strided, _ = run_both(2, 3, 1, 33, 16, True, None, layout="bthd")
