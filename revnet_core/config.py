@@ -14,6 +14,7 @@ NORMS = ("layernorm", "rmsnorm")
 ATTENTIONS = ("sdpa", "reference")
 STREAM_DTYPES = ("float32", "float64", "bfloat16", "float16")
 POLICIES = ("reverse", "store", "checkpoint")
+LOSS_KERNELS = ("auto", "chunked", "fused")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class ModelConfig:
     stream_dtype: str = "float32"  # the two residual streams; never below the parameters' dtype
     policy: str = "reverse"  # per-layer default: reverse | store | checkpoint
     loss_chunk_size: int = 1024  # tokens per chunk of the LM head: bounds the logits held at once
+    # LM head + loss: "fused" is revnet_kernels' linear cross-entropy (Triton on CUDA/ROCm, its own chunk size),
+    # "chunked" the backend's PyTorch head (loss_chunk_size rows), "auto" fused on CUDA/ROCm, chunked elsewhere
+    loss_kernel: str = "auto"
     ffn_chunk_size: int = 16384  # tokens per chunk of the FFN (0: whole sequence): bounds its 4x-wide intermediate
     attn_head_chunk: int = 0  # heads per attention chunk (0: from the length, ~2^20 token-heads per chunk)
     attention_window: int | None = None  # sliding-window attention: each token sees the last N (None: all)
@@ -110,6 +114,7 @@ def validate(cfg: ModelConfig) -> None:
     _choice(cfg, "norm", NORMS)
     _choice(cfg, "stream_dtype", STREAM_DTYPES)
     _choice(cfg, "policy", POLICIES)
+    _choice(cfg, "loss_kernel", LOSS_KERNELS)
     if not cfg.norm_eps > 0:
         raise ConfigError(f"norm_eps={cfg.norm_eps!r} must be > 0")
     if not cfg.rope_base > 1:

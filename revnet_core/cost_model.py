@@ -136,6 +136,7 @@ class Sizes:
     head_chunk: int
     ffn_chunk: int  # tokens per FFN chunk along the sequence (FeedForwardBlock.chunk_size; T when 0)
     attn_heads: int = 0  # heads per attention chunk (AttentionBlock.head_chunks); 0 or H: one chunk
+    loss_fused: bool = False  # the loss head is revnet_kernels' linear cross-entropy (ModelConfig.loss_kernel)
 
     @property
     def A(self) -> int:
@@ -180,7 +181,22 @@ def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
         activation=cfg.activation, attention=attention, device=w.device,
         drop=cfg.dropout if w.training else 0.0, attn_drop=attn_drop, head_chunk=cfg.loss_chunk_size,
         ffn_chunk=cfg.ffn_chunk_size, attn_heads=_heads_per_chunk(cfg, w),
+        loss_fused=cfg.loss_kernel == "fused" or (cfg.loss_kernel == "auto" and w.device == "cuda"),
     )
+
+
+CE_LOGITS_BUDGET = 1 << 26  # elements of one logits chunk (revnet_kernels.cross_entropy.LOGITS_BUDGET)
+
+
+def fused_ce_layout(vocab: int, rows: int) -> tuple[int, int]:
+    """(rows per chunk, padded vocabulary) of revnet_kernels' Triton linear cross-entropy with its defaults:
+    the weight is zero-padded to a multiple of 64 rows when V is not one, and the chunk then halved."""
+    per = max(CE_LOGITS_BUDGET // max(vocab, 1), 1)
+    chunk = min(max(1 << (per.bit_length() - 1), 16), 8192)
+    padded = -(-vocab // 64) * 64
+    if padded != vocab:
+        chunk //= 2
+    return min(max(chunk, 1), max(rows, 1)), padded
 
 
 HEAD_CHUNK_TOKENS = 1 << 20  # (token, head) pairs of an automatic head chunk (revnet_torch.blocks.HEAD_CHUNK_TOKENS)
@@ -1352,11 +1368,20 @@ class CostModel:
         # Backward.
         t.forward = False
         t.set_label("loss head backward")
-        dh2 = t.alloc("dh2", z.A * z.s, "loss_head")
-        a = max(z.c, 4)
-        dwg = t.alloc("dw_grad", z.V * z.d * a, "loss_head") if a != z.p else None  # dw * grad, then .to(p)
-        t.alloc("grad.head", z.V * z.d * z.p, "gradients")
-        t.free(dwg, "dh", "dw")
+        if z.loss_fused:  # dh and dW scaled in place, dW cast to the parameter dtype (free when fp32)
+            dh2 = "dh"
+            if z.p == 4:
+                t.free("dw")  # becomes the head's .grad: the padded buffer, sliced
+                t.alloc("grad.head", fused_ce_layout(z.V, z.N)[1] * z.d * 4, "gradients")
+            else:
+                t.alloc("grad.head", z.V * z.d * z.p, "gradients")
+                t.free("dw")
+        else:
+            dh2 = t.alloc("dh2", z.A * z.s, "loss_head")
+            a = max(z.c, 4)
+            dwg = t.alloc("dw_grad", z.V * z.d * a, "loss_head") if a != z.p else None  # dw * grad, then .to(p)
+            t.alloc("grad.head", z.V * z.d * z.p, "gradients")
+            t.free(dwg, "dh", "dw")
         t.set_label("final norm backward")
         dmean = st.ln_backward("final.", dh2, mean, z.N, "streams", "final_norm")
         dy2 = t.alloc("dy2_top", z.A * z.s, "streams")  # each MulBackward(0.5): a buffer per stream
@@ -1391,6 +1416,38 @@ class CostModel:
         t.free(h)
 
     def _loss_forward(self, t: Tape, h: str) -> None:
+        if self.sizes.loss_fused:
+            self._fused_loss_forward(t)
+        else:
+            self._chunked_loss_forward(t)
+
+    def _fused_loss_forward(self, t: Tape) -> None:
+        """revnet_kernels' linear_cross_entropy_forward (Triton): dh (N, d) and the padded fp32 dW kept on ctx
+        (not saved tensors); a padded compute-dtype weight copy, one reused logits chunk and dW's per-chunk
+        product live for the call. On CPU ("fused" asked) the registry runs its PyTorch chunked variant,
+        which this counts as the Triton one."""
+        z = self.sizes
+        n, vp = fused_ce_layout(z.V, z.N)
+        t.free(t.alloc("ce_valid", z.N, "loss_head"))  # (targets != ignore_index).sum()
+        rows = t.alloc("ce_loss_rows", z.N * 4, "loss_head")
+        dh = t.alloc("dh", z.A * z.s, "loss_head")
+        dw = t.alloc("dw", vp * z.d * 4, "loss_head")
+        w = t.alloc("ce_w", vp * z.d * z.c, "loss_head") if (vp != z.V or z.c != z.p) else None
+        lg = t.alloc("ce_logits", n * vp * z.c, "loss_head")
+        part = t.alloc("ce_dw_part", vp * z.d * z.c, "loss_head") if z.c != 4 else None
+        prev = None
+        for k in range(min(math.ceil(z.N / n), 2)):  # the second chunk shows the steady state
+            hc = t.alloc(f"ce_hc{k}", n * z.d * z.c, "loss_head") if z.c != z.s else None
+            t.free(prev)  # rebinding hc frees the previous chunk's
+            if z.c != z.s:  # dh[s:s + n] = z @ wc: a product in the compute dtype, then copied
+                t.free(t.alloc(f"ce_dh{k}", n * z.d * z.c, "loss_head"))
+            prev = hc
+        t.free(prev, rows, w, lg, part)
+        t.hold(dh)
+        t.hold(dw)  # ctx.grads
+        t.free(dh, dw)
+
+    def _chunked_loss_forward(self, t: Tape) -> None:
         """_ChunkedLinearCrossEntropy.forward: keeps dh (N, d) and dW (V, d) in the accumulation dtype (fp32,
         fp64 in fp64 runs); logits chunk by chunk.
 

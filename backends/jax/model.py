@@ -74,6 +74,9 @@ class ReversibleTransformerJAX:
         if config.attention_window is not None:
             raise ConfigError(f"attention_window={config.attention_window}: sliding-window attention is built in "
                               "the torch backend only; leave it None for JAX")
+        if config.loss_kernel == "fused":
+            raise ConfigError("loss_kernel='fused' (revnet_kernels' Triton linear cross-entropy) is built for the torch "
+                              "backend only; JAX runs its chunked head ('auto' or 'chunked')")
         # attn_head_chunk needs nothing here: XLA schedules the heads itself (the function is the same).
         self.config = config
         self.use_scan = bool(use_scan)

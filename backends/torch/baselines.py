@@ -18,7 +18,7 @@ from revnet_core.config import ModelConfig
 
 from .blocks import AttentionBlock, FeedForwardBlock, Rotary, make_norm
 from .model import ModelOutput, init_weights
-from .loss import chunked_lm_loss, shift_targets
+from .loss import lm_loss, shift_targets
 
 MEMORY_MODES = ("store", "checkpoint", "offload")
 
@@ -74,5 +74,5 @@ class PlainGPT(nn.Module):
                     x = layer(x)
         h = self.norm(x)
         targets = shift_targets(input_ids if labels is None else labels)
-        loss = chunked_lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size)
+        loss = lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size, self.config.loss_kernel)
         return ModelOutput(loss=loss, logits=self.head(h) if return_logits else None, last_hidden_state=h)

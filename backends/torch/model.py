@@ -15,7 +15,7 @@ from revnet_core.inputs import check_id_range, check_length
 from .blocks import Rotary, make_norm
 from .engine import run_layers
 from .layers import ReversibleLayer
-from .loss import IGNORE_INDEX, chunked_lm_loss, shift_targets
+from .loss import IGNORE_INDEX, lm_loss, shift_targets
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -146,7 +146,7 @@ class ReversibleTransformer(nn.Module):
             if input_ids.shape[1] < 2 and labels is None:
                 raise InputError("next-token loss needs at least 2 tokens (or pass compute_loss=False)")
             targets = shift_targets(input_ids if labels is None else labels.to(torch.int64))
-            loss = chunked_lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size)
+            loss = lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size, self.config.loss_kernel)
         logits = self.head(h) if return_logits else None
         return ModelOutput(loss=loss, logits=logits, last_hidden_state=h if return_hidden else None)
 

@@ -130,6 +130,8 @@ def test_policy_and_option_errors(tiny_model):
         ReversibleTransformerJAX(num_layer=3)
     with pytest.raises(ConfigError, match="torch backend only"):
         ReversibleTransformerJAX(attention_window=16)
+    with pytest.raises(ConfigError, match="loss_kernel='fused'.*torch backend only"):
+        ReversibleTransformerJAX(loss_kernel="fused")
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

@@ -71,10 +71,42 @@ def test_bad_labels_get_clear_errors(model):
     (dict(d_model=30, num_heads=4), ConfigError, "d_model=30 must be divisible by num_heads=4"),
     (dict(coupling="twist"), UnknownNameError, "unknown coupling 'twist'"),
     (dict(layers=3), ConfigError, "unknown config field"),
+    (dict(loss_kernel="triton"), ConfigError, r"loss_kernel='triton' is not one of \['auto', 'chunked', 'fused'\]"),
 ])
 def test_bad_config_gets_clear_errors(fields, error, message):
     with pytest.raises(error, match=message):
         revnet_core.build("torch", **{**CFG, **fields})
+
+
+@pytest.mark.parametrize("cls", [ReversibleTransformer, PlainGPT])
+def test_fused_loss_head_gives_the_chunked_heads_loss_and_gradients(cls, monkeypatch):
+    """loss_kernel='fused' goes through revnet_kernels' linear cross-entropy (its PyTorch chunked variant on
+    CPU; the Triton kernel against its reference is tests/kernels'); 'auto' on CPU is the chunked head, bit for
+    bit. Labels with ignored positions, and a chunk size that leaves a ragged last chunk."""
+    import revnet_kernels.cross_entropy as ce
+
+    calls = []
+    fused_fn = ce.linear_cross_entropy
+    monkeypatch.setattr(ce, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused_fn(*a, **k))
+
+    def run(kernel):
+        torch.manual_seed(0)
+        m = cls(revnet_core.ModelConfig(**CFG, loss_kernel=kernel, loss_chunk_size=5))
+        ids = torch.randint(0, 30, (2, 13), generator=torch.Generator().manual_seed(1))
+        labels = ids.clone()
+        labels[0, 3:6] = -100
+        loss = m(ids, labels=labels).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in m.parameters()]
+
+    (chunked, g_chunked), (auto, g_auto) = run("chunked"), run("auto")
+    assert not calls
+    fused, g_fused = run("fused")
+    assert len(calls) == 1
+    assert torch.equal(auto, chunked) and all(torch.equal(a, b) for a, b in zip(g_auto, g_chunked))
+    torch.testing.assert_close(fused, chunked, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_fused, g_chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_same_parameter_count_as_plain_gpt():
