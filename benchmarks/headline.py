@@ -46,12 +46,12 @@ def render() -> str:
     for r in bench["rows"]:
         cells.setdefault(r["seq"], {})[r["model"]] = _cell(
             None if r.get("oom") else r["peak_allocated_bytes"] / GiB, r.get("step_s_median"), r.get("oom", False))
-    for rel, note in (("long_context/seed_256k_head_chunks_h100.json", ""),
+    for rel, note in (("long_context/seed_256k_fused_loss_h100.json", ""),
                       ("long_context/seed_256k_offload_h100.json", " ¹"),
                       ("engine/seed_256k_reversible_plain_h100.json", " ¹")):
         for r in _load(rel)["rows"]:
-            if r["method"] == "reversible" and "head_chunks" not in rel:
-                continue  # superseded by the head-chunked run
+            if r["method"] in ("reversible", "checkpoint") and "fused_loss" not in rel:
+                continue  # superseded by the fused-loss-head run
             cells.setdefault(r["seq"], {})[r["method"]] = _cell(
                 r.get("peak_allocated_gib"), r.get("step_s_median"), r.get("oom", False), note)
     one_m = _load("long_context/reversible_1m_2layers_head_chunks_h100.json")
@@ -68,6 +68,8 @@ def render() -> str:
     cells[mc["seq"]] = {"reversible": f"{mc['projected_full_depth_gib']:.1f} GiB projected ² "
                                       f"({mc['peak_allocated_gib']:.2f} measured with {mc['layers_run']} layer, "
                                       f"{mc['step_s']:.0f} s): the longest that fits ³"}
+    chunked, fused = (_load(f"loss_head/seed_64k_loss_{k}_h100.json")["rows"] for k in ("chunked", "fused"))
+    rev = {k: next(r for r in rows if r["method"] == "reversible") for k, rows in (("chunked", chunked), ("fused", fused))}
     lines = ["| tokens | " + " | ".join(title for _, title in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for seq in sorted(cells):
         row = cells[seq]
@@ -81,7 +83,11 @@ def render() -> str:
         f"gradients and AdamW state (16 bytes x {per_layer_state // 16:,} parameters each, norms included); the "
         "cost model predicts the same. "
         f"³ the cost model's longest length under 85% of the GPU's {mc['device_total_gib']:.1f} GiB, confirmed by "
-        "one real step.",
+        "one real step. "
+        "Loss head: the 256k checkpoint and reversible cells ran the fused Triton linear cross-entropy, CUDA's "
+        "default now (`loss_kernel=\"auto\"`); every other cell the chunked PyTorch head it replaced. At 64k "
+        f"the fused head took the reversible step from {rev['chunked']['step_s_median']:.2f} to "
+        f"{rev['fused']['step_s_median']:.2f} s at the same peak ({rev['fused']['peak_allocated_gib']:.2f} GiB).",
     ]
     return "\n".join(lines)
 
