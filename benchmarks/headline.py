@@ -68,8 +68,8 @@ def render() -> str:
     cells[mc["seq"]] = {"reversible": f"{mc['projected_full_depth_gib']:.1f} GiB projected ² "
                                       f"({mc['peak_allocated_gib']:.2f} measured with {mc['layers_run']} layer, "
                                       f"{mc['step_s']:.0f} s): the longest that fits ³"}
-    chunked, fused = (_load(f"loss_head/seed_64k_loss_{k}_h100.json")["rows"] for k in ("chunked", "fused"))
-    rev = {k: next(r for r in rows if r["method"] == "reversible") for k, rows in (("chunked", chunked), ("fused", fused))}
+    rev = {k: next(r for r in _load(f"loss_head/seed_64k_loss_{k}_h100.json")["rows"] if r["method"] == "reversible")
+           for k in ("chunked", "fused")}  # the same 64k step with either loss head
     lines = ["| tokens | " + " | ".join(title for _, title in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for seq in sorted(cells):
         row = cells[seq]

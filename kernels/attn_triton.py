@@ -218,9 +218,9 @@ def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, s
 
 @triton.jit
 def _bwd_kv_queries(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, stride_qt, stride_dot, stride_dqt, offs_n, lo, hi,
-                    seq_len, window, qk_scale, sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr,
-                    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    OFFSETS_64: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                    seq_len, window, qk_scale, sm_scale, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr, OFFSETS_64: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dv_j += sum_i p_ij do_i and dk_j += sum_i ds_ij q_i (unscaled) over query blocks [lo, hi); with
     ATOMIC_DQ also dq_i += scale sum_j ds_ij k_j, added atomically into DQ (fp32)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -321,16 +321,18 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
         LSEh = LSE + (b * num_heads + h) * seq_len
         DELTAh = DELTA + (b * num_heads + h) * seq_len
         DQh = DQ + b * stride_dqb + h * stride_dqh
+        # the key block's diagonal (masked), query blocks that see all its keys, then the window's edge or the
+        # ragged last block (masked)
         if CAUSAL:
-            dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n, lo, diag_hi,
-                                     seq_len, window, qk_scale, sm_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW,
-                                     PRECISION, UPCAST, OFFSETS_64, ATOMIC_DQ)
-        dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n, diag_hi,
-                                 mid_end, seq_len, window, qk_scale, sm_scale, BLOCK_M, HEAD_DIM, False, CAUSAL, HAS_WINDOW,
-                                 PRECISION, UPCAST, OFFSETS_64, ATOMIC_DQ)
-        dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n, mid_end, end,
-                                 seq_len, window, qk_scale, sm_scale, BLOCK_M, HEAD_DIM, True, CAUSAL, HAS_WINDOW, PRECISION,
-                                 UPCAST, OFFSETS_64, ATOMIC_DQ)
+            dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
+                                     offs_n, lo, diag_hi, seq_len, window, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                     True, CAUSAL, HAS_WINDOW, PRECISION, UPCAST, OFFSETS_64, ATOMIC_DQ)
+        dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
+                                 offs_n, diag_hi, mid_end, seq_len, window, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                 False, CAUSAL, HAS_WINDOW, PRECISION, UPCAST, OFFSETS_64, ATOMIC_DQ)
+        dk, dv = _bwd_kv_queries(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt,
+                                 offs_n, mid_end, end, seq_len, window, qk_scale, sm_scale, BLOCK_M, HEAD_DIM,
+                                 True, CAUSAL, HAS_WINDOW, PRECISION, UPCAST, OFFSETS_64, ATOMIC_DQ)
 
     DK += b * stride_dkb + hk * stride_dkh + start_n.to(tl.int64) * stride_dkt
     DV += b * stride_dvb + hk * stride_dvh + start_n.to(tl.int64) * stride_dvt

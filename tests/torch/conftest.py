@@ -64,6 +64,19 @@ def plan_saved_bytes(model, ids, plan, autocast: bool) -> int:
     return saved["bytes"]
 
 
+def saved_bytes_case(fields: dict, T: int, autocast: bool):
+    """A 3-layer CPU model of ``fields`` (batch 2, T tokens), its cost model, and (plan, predicted, measured)
+    saved bytes for every plan of PLANS."""
+    from revnet_core.cost_model import CostModel, Workload
+
+    torch.manual_seed(0)
+    cfg = revnet_core.ModelConfig(num_layers=3, vocab_size=64, loss_chunk_size=16, max_seq_len=256, **fields)
+    model = revnet_core.build("torch", config=cfg)
+    ids = torch.randint(0, 64, (2, T))
+    cm = CostModel(cfg, Workload(batch=2, seq_len=T, autocast_dtype="bfloat16" if autocast else None, device="cpu"))
+    return model, cm, [(plan, cm.saved_bytes(plan), plan_saved_bytes(model, ids, plan, autocast)) for plan in PLANS]
+
+
 def step_peak(model, ids, autocast: bool, before_measuring=lambda: None):
     """(predicted, measured, cost_model): the peak above the start of a CPU training step, step 2 (AdamW's
     state exists), every allocation recorded by DetailedMemoryProfiler, against the cost model's prediction

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 import revnet_core
-from revnet_core import ModelConfig
 from revnet_core.cost_model import HEAD_CHUNK_TOKENS, CostModel, Workload
 from revnet_torch import blocks
 from revnet_torch.blocks import AttentionBlock
 from revnet_torch.profiler import MemoryProfiler
 
-from .conftest import PLANS, plan_saved_bytes, step_peak
+from .conftest import saved_bytes_case, step_peak
 from .test_profiler import small
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,14 +40,10 @@ CONFIGS = [
 @pytest.mark.parametrize("autocast", [False, True])
 def test_head_chunked_saved_bytes_match_measured(fields, T, autocast):
     """What autograd saves in the forward with head chunks, against the prediction: exact."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=3, vocab_size=64, loss_chunk_size=16, max_seq_len=256, **fields)
-    model = revnet_core.build("torch", config=cfg)
-    ids = torch.randint(0, 64, (2, T))
-    cm = CostModel(cfg, Workload(batch=2, seq_len=T, autocast_dtype="bfloat16" if autocast else None, device="cpu"))
+    model, cm, cases = saved_bytes_case(fields, T, autocast)
     assert head_counts(model, 2, T) == cm.sizes.head_counts() and len(cm.sizes.head_counts()) > 1
-    for plan in PLANS:
-        assert cm.saved_bytes(plan) == plan_saved_bytes(model, ids, plan, autocast), plan
+    for plan, predicted, measured in cases:
+        assert predicted == measured, plan
 
 
 @pytest.mark.parametrize("coupling", ["additive", "affine"])

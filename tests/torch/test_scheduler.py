@@ -14,7 +14,7 @@ from revnet_torch.memory import saved_tensor_bytes
 from revnet_torch.scheduler import (AdaptiveScheduler, CalibratedCost, LayerScheduler, MemoryScheduler,
                                     invertible_layers)
 
-from .conftest import PLANS, grads_of, plan_saved_bytes
+from .conftest import grads_of, saved_bytes_case
 
 TOL = 1e-10
 ALL = ("store", "reverse", "checkpoint", "recompute_attention", "recompute_ffn")
@@ -222,14 +222,8 @@ CONFIGS = [
 @pytest.mark.parametrize("autocast", [False, True])
 def test_predicted_saved_bytes_match_measured(fields, T, autocast):
     """CI's memory proof: the cost model's saved bytes against what autograd saves (within 5%; exact here)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=3, vocab_size=64, loss_chunk_size=16, max_seq_len=256, **fields)
-    model = revnet_core.build("torch", config=cfg)
-    ids = torch.randint(0, 64, (2, T))
-    cm = CostModel(cfg, Workload(batch=2, seq_len=T, autocast_dtype="bfloat16" if autocast else None, device="cpu"))
-    for plan in PLANS:
-        measured = plan_saved_bytes(model, ids, plan, autocast)
-        predicted = cm.saved_bytes(plan)
+    _, _, cases = saved_bytes_case(fields, T, autocast)
+    for plan, predicted, measured in cases:
         assert abs(predicted - measured) <= 0.05 * measured, (plan, predicted, measured)
 
 
