@@ -57,7 +57,7 @@ def render() -> str:
     one_m = _load("long_context/reversible_1m_2layers_head_chunks_h100.json")
     (r1,) = one_m["rows"]
     from revnet_core import ModelConfig
-    from revnet_core.cost_model import CostModel
+    from revnet_torch.cost import CostModel
 
     # one layer's parameters, gradients and AdamW state, fp32: 16 bytes a parameter
     per_layer_state = CostModel(ModelConfig(**one_m["config"])).layer_parameter_count() * 16

@@ -26,7 +26,8 @@ STEP = 65536
 
 def predicted(seq: int, layers: int) -> int:
     from revnet_core import ModelConfig
-    from revnet_core.cost_model import CostModel, Workload
+    from revnet_core.memory import Workload
+    from revnet_torch.cost import CostModel
 
     cfg = ModelConfig(**{**SEED, "num_layers": layers, "max_seq_len": seq})
     return CostModel(cfg, Workload(seq_len=seq, autocast_dtype="bfloat16", device="cuda")).peak_bytes("reverse")

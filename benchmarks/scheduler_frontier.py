@@ -59,7 +59,8 @@ def run_cell(spec: dict) -> dict:
     import torch
 
     import revnet_core
-    from revnet_core.cost_model import CostModel, Workload
+    from revnet_core.memory import Workload
+    from revnet_torch.cost import CostModel
     from revnet_torch.baselines import PlainGPT
     from revnet_torch.profiler import DetailedMemoryProfiler
     from revnet_torch.scheduler import AdaptiveScheduler
@@ -181,7 +182,7 @@ def _label(spec: dict) -> str:
     if m == "plain_every":
         return f"plain ckpt every {spec['k']}"
     if m == "adaptive":
-        from revnet_core.cost_model import format_bytes
+        from revnet_core.memory import format_bytes
 
         return f"adaptive {spec.get('granularity', 'layer')} {format_bytes(spec['budget'])}"
     return "plain"
@@ -318,7 +319,8 @@ def main(argv=None) -> int:
         args.fractions = "0.5,0.8"
     device_bytes = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else None
     from revnet_core import ModelConfig
-    from revnet_core.cost_model import CostModel, Workload
+    from revnet_core.memory import Workload
+    from revnet_torch.cost import CostModel
 
     def predicted_peak(seq, policies):
         cfg = ModelConfig(**{**config, "max_seq_len": seq})

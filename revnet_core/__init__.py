@@ -7,7 +7,7 @@ plugin registry. Imports no framework: backends are found through entry points w
 from .build import build, resolve_coupling
 from .config import ModelConfig
 from .couplings import AdditiveCoupling, AffineCoupling, BaseCoupling, CouplingType
-from .errors import ConfigError, InputError, ReversibilityError, RevNetError, UnknownNameError
+from .errors import BackendFeatureError, ConfigError, InputError, ReversibilityError, RevNetError, UnknownNameError
 from .hookspecs import hookimpl
 from .sweep import LayerSpec, backward_step, forward_step, inverse_step
 
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
+    "BackendFeatureError",
     "BaseCoupling",
     "ConfigError",
     "CouplingType",

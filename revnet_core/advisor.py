@@ -7,21 +7,25 @@ applied to a built model (policies through ``model.set_policy``; the loss-head c
 its config). ``OptimalConfigs.get_config(model_size=..., context_length=..., hardware=...)`` returns a layer
 plan, chunk sizes and a batch that fit a named GPU.
 
-No framework is imported: a torch model is used only through ``.config``, ``.policies``, ``.set_policy`` and,
-to find its device's memory when no budget is given, the ``torch`` module that built it.
+The prices come from the backend's own cost model, found through its record (``backend=``, default: the
+backend that built the model, else torch); the advisor itself imports no framework. A model is used only
+through ``.config``, ``.policies``, ``.set_policy`` and its backend's ``memory.device_total_bytes``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import policies as policy_table
 from .config import ModelConfig
-from .cost_model import CostModel, Workload, format_bytes, plan_summary
+from .memory import Workload, format_bytes
 from .planner import Plan, plan_layers
+from .registry import backend_of, backend_record
+
+DEFAULT_BACKEND = "torch"  # whose cost model prices a bare ModelConfig
 
 MiB, GiB = 2**20, 2**30
 
@@ -102,18 +106,19 @@ def _config_of(model_or_config) -> ModelConfig:
     raise TypeError(f"expected a ModelConfig or a model with a .config ModelConfig, got {type(model_or_config).__name__}")
 
 
+def cost_class(backend: str | None, model=None):
+    """The cost model class of ``backend`` (else of the backend that built ``model``, else torch's)."""
+    if backend is None:
+        record = backend_of(model) if model is not None else None
+        backend = record.name if record is not None and record.cost else DEFAULT_BACKEND
+    return backend_record(backend).load("cost")
+
+
 def _device_budget(model) -> int | None:
-    """The memory of the model's device, read through the framework that built it (never imported here)."""
-    params = getattr(model, "parameters", None)
-    if params is None:
-        return None
-    try:
-        p = next(iter(params()))
-    except (StopIteration, TypeError):
-        return None
-    dev = getattr(p, "device", None)
-    if getattr(dev, "type", None) == "cuda" and "torch" in sys.modules:
-        total = sys.modules["torch"].cuda.get_device_properties(dev).total_memory
+    """The memory of the model's device, asked of the backend that built it; else the host's RAM."""
+    record = backend_of(model)
+    total = record.load("memory").device_total_bytes(model) if record is not None and record.memory else None
+    if total is not None:
         return usable_bytes(total)
     try:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * (1 - ALLOCATOR_HEADROOM))
@@ -130,8 +135,9 @@ class OptimizationAdvisor:
 
     def __init__(self, model_or_config, target_seq_length: int, *, batch_size: int = 1, hardware: str | None = None,
                  memory_budget: int | None = None, autocast_dtype: str | None = "bfloat16", optimizer: str = "adamw",
-                 device: str = "cuda"):
+                 device: str = "cuda", backend: str | None = None):
         self.model = None if isinstance(model_or_config, ModelConfig) else model_or_config
+        self.cost_model = cost_class(backend, self.model)
         self.config = _config_of(model_or_config)
         if not isinstance(target_seq_length, int) or target_seq_length < 2:
             raise ValueError(f"target_seq_length={target_seq_length!r} must be an integer >= 2")
@@ -149,10 +155,10 @@ class OptimizationAdvisor:
                                  optimizer=optimizer, device=device)
         self.recommendations: list[Recommendation] = []
 
-    def _cm(self, config: ModelConfig | None = None, **changes) -> CostModel:
+    def _cm(self, config: ModelConfig | None = None, **changes):
         from dataclasses import replace
 
-        return CostModel(config or self.config.replace(max_seq_len=max(self.config.max_seq_len, self.target)),
+        return self.cost_model(config or self.config.replace(max_seq_len=max(self.config.max_seq_len, self.target)),
                          replace(self.workload, **changes))
 
     def analyze(self) -> list[Recommendation]:
@@ -167,7 +173,7 @@ class OptimizationAdvisor:
                 "positions have no length-bound parameters)", "the target length is accepted at all",
                 {"config": {"max_seq_len": self.target}}))
         current = list(getattr(self.model, "policies", None) or [cfg.policy] * L)
-        current = [p if p in ("store", "reverse", "checkpoint") else "store" for p in current]
+        current = [p if p in policy_table.BY_NAME else "store" for p in current]
         cur_peak, cur_rel = cm.peak_bytes(current), cm.relative_step_time(current)
         plan = plan_layers(cm, L, self.budget, strategy="adaptive", granularity="layer")
         if not plan.fits:
@@ -179,7 +185,7 @@ class OptimizationAdvisor:
         elif tuple(current) != plan.policies:
             saved = cur_peak - plan.peak_bytes
             recs.append(Recommendation(
-                "memory_policy", f"use per-layer policies {plan_summary(plan.policies)}",
+                "memory_policy", f"use per-layer policies {policy_table.summary(plan.policies)}",
                 f"step compute {cur_rel:.3f}x -> {plan.relative_time:.3f}x of storing every layer; predicted peak "
                 f"{format_bytes(cur_peak)} -> {format_bytes(plan.peak_bytes)} of the {format_bytes(self.budget)} "
                 "budget", {"policies": list(plan.policies)}, saved, plan.relative_time - cur_rel))
@@ -202,7 +208,7 @@ class OptimizationAdvisor:
                 "precision", "run the forward under torch.autocast(dtype=torch.bfloat16) (the streams stay fp32)",
                 f"{effect}, and bf16 tensor-core matmuls", None, saved))
         if cfg.attention == "reference" or not cfg.use_flash_attention:
-            fused = CostModel(cfg.replace(attention="sdpa", use_flash_attention=True), cm.workload)
+            fused = self.cost_model(cfg.replace(attention="sdpa", use_flash_attention=True), cm.workload)
             saved = cm.peak_bytes(list(base)) - fused.peak_bytes(list(base))
             recs.append(Recommendation(
                 "attention", "use the fused attention kernels (attention='sdpa', use_flash_attention=True): no "
@@ -287,7 +293,7 @@ class OptimalConfig:
 
     @property
     def policy(self) -> str:
-        return plan_summary(self.policies)
+        return policy_table.summary(self.policies)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(num_layers=self.num_layers, d_model=self.d_model, num_heads=self.num_heads,
@@ -312,7 +318,7 @@ class OptimalConfigs:
     @staticmethod
     def get_config(model_size: str, context_length: int, hardware: str, training_regime: str = "pre-training",
                    *, autocast_dtype: str = "bfloat16", vocab_size: int = 50257,
-                   max_batch: int = 64) -> OptimalConfig:
+                   max_batch: int = 64, backend: str = DEFAULT_BACKEND) -> OptimalConfig:
         """The fastest configuration (per token) that fits ``hardware`` at ``context_length``, from the cost model.
 
         Tried: the additive coupling (and affine if additive does not fit); layer and block granularity; batches
@@ -327,6 +333,7 @@ class OptimalConfigs:
         if not isinstance(context_length, int) or context_length < 2:
             raise ValueError(f"context_length={context_length!r} must be an integer >= 2")
         budget = gpu_budget(hardware)
+        CostModel = cost_class(backend)
         layers, d, heads = MODEL_SIZES[model_size]
         base = ModelConfig(num_layers=layers, d_model=d, num_heads=heads, d_ff=4 * d, vocab_size=vocab_size,
                            max_seq_len=context_length)
@@ -368,7 +375,8 @@ class OptimalConfigs:
             cfg, b, gran = base, 1, "layer"
         else:
             _, cfg, b, gran, plan = best
-        cfg, loss_chunk, ffn_chunk, peak = OptimalConfigs._chunks(cfg, b, context_length, autocast_dtype, plan, budget)
+        cfg, loss_chunk, ffn_chunk, peak = OptimalConfigs._chunks(CostModel, cfg, b, context_length, autocast_dtype,
+                                                                  plan, budget)
         target = PRETRAIN_TOKENS[model_size] if training_regime == "pre-training" else FINETUNE_TOKENS
         accum = max(1, math.ceil(target / (b * context_length)))
         notes.append(f"{training_regime}: {int(target)} tokens per optimizer step -> {accum} accumulation steps")
@@ -377,7 +385,7 @@ class OptimalConfigs:
                              peak, budget, plan.relative_time, peak <= budget, notes)
 
     @staticmethod
-    def _chunks(cfg, batch, T, autocast, plan, budget):
+    def _chunks(CostModel, cfg, batch, T, autocast, plan, budget):
         """The largest loss-head and FFN chunks whose peak stays within 1% of the smallest's (and fits)."""
         w = Workload(batch=batch, seq_len=T, autocast_dtype=autocast)
         best_cfg, best_peak = cfg, CostModel(cfg, w).peak_bytes(list(plan.policies))

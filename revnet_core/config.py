@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import policies
 from .errors import ConfigError
 
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "geglu", "swiglu")
@@ -13,7 +14,6 @@ GATED_ACTIVATIONS = ("geglu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 ATTENTIONS = ("sdpa", "reference")
 STREAM_DTYPES = ("float32", "float64", "bfloat16", "float16")
-POLICIES = ("reverse", "store", "checkpoint")
 LOSS_KERNELS = ("auto", "chunked", "fused")
 
 
@@ -38,7 +38,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     stream_dtype: str = "float32"  # the two residual streams; never below the parameters' dtype
-    policy: str = "reverse"  # per-layer default: reverse | store | checkpoint
+    policy: str = policies.DEFAULT  # per-layer default: a name of revnet_core.policies
     loss_chunk_size: int = 1024  # tokens per chunk of the LM head: bounds the logits held at once
     # LM head + loss: "fused" is revnet_kernels' linear cross-entropy (Triton on CUDA/ROCm, its own chunk size),
     # "chunked" the backend's PyTorch head (loss_chunk_size rows), "auto" fused on CUDA/ROCm, chunked elsewhere
@@ -113,7 +113,7 @@ def validate(cfg: ModelConfig) -> None:
     _choice(cfg, "activation", ACTIVATIONS)
     _choice(cfg, "norm", NORMS)
     _choice(cfg, "stream_dtype", STREAM_DTYPES)
-    _choice(cfg, "policy", POLICIES)
+    policies.check(cfg.policy)
     _choice(cfg, "loss_kernel", LOSS_KERNELS)
     if not cfg.norm_eps > 0:
         raise ConfigError(f"norm_eps={cfg.norm_eps!r} must be > 0")

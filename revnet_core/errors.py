@@ -22,3 +22,8 @@ class UnknownNameError(RevNetError, KeyError):
 
 class ReversibilityError(RevNetError, RuntimeError):
     """The reversible backward was used in a way it cannot support (e.g. run twice)."""
+
+
+class BackendFeatureError(RevNetError, LookupError):
+    """An installed backend lacks a part a command needs (a trainer, a bench, ...); the message names it and
+    the backends that have one."""

@@ -12,7 +12,8 @@ hookimpl = pluggy.HookimplMarker("revnet_zero")
 
 @hookspec
 def register_backends(register):
-    """Call ``register(name, build)``; ``build(config, **options)`` returns the framework's native model."""
+    """Call ``register(BackendRecord(name, build, trainer=..., ...))`` (or ``register(name, build, **loaders)``);
+    ``build(config, **options)`` returns the framework's native model (see ``registry.BackendRecord``)."""
 
 
 @hookspec

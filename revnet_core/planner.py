@@ -30,14 +30,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
-STRATEGIES = ("aggressive", "balanced", "adaptive")
-GRANULARITIES = {
-    "layer": ("store", "reverse"),
-    "attention": ("store", "recompute_attention", "reverse"),
-    "block": ("store", "recompute_ffn", "recompute_attention", "reverse"),
-}
-RECOMPUTING = ("reverse", "checkpoint", "recompute_attention", "recompute_ffn")
+from .policies import GRANULARITIES, RECOMPUTING
+from .policies import summary as plan_summary
 
+STRATEGIES = ("aggressive", "balanced", "adaptive")
 
 class Priced(Protocol):
     """What the planner needs from a cost model."""
@@ -67,9 +63,7 @@ class Plan:
         return [i for i, p in enumerate(self.policies) if p in RECOMPUTING]
 
     def summary(self) -> str:
-        from .cost_model import plan_summary
-
-        from .cost_model import format_bytes
+        from .memory import format_bytes
 
         budget = "no budget" if self.budget is None else f"budget {format_bytes(self.budget)}"
         fit = "fits" if self.fits else "does NOT fit"

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pluggy
 
 from . import hookspecs
-from .errors import UnknownNameError
+from .errors import BackendFeatureError, UnknownNameError
 from .plugin_checks import PluginCheckError, check_factory
 
 ENTRY_POINT_GROUP = "revnet_zero"
@@ -32,6 +32,55 @@ class Entry:
     obj: Any
     plugin: str  # the plugin (entry point or module) that registered it
     distribution: str = ""  # "name version" of the installed distribution that ships it; "" if in-process
+
+
+LOADERS = ("trainer", "bench", "cost", "scheduler", "memory")  # what a backend record may point to
+
+
+@dataclass(frozen=True)
+class BackendRecord:
+    """What a backend registers: its name, ``build(config, *, weights=None)`` and, for each part the
+    framework-free code may ask for (``LOADERS``), a loader string "package.module" or "package.module:attr"
+    imported only when asked (so listing backends imports no framework). ``bench_models``: the names of its
+    bench module's built-in models, checked before the framework is imported."""
+
+    name: str
+    build: Callable[..., Any]
+    trainer: str | None = None  # module with run(settings, data) -> summary dict
+    bench: str | None = None  # module with BenchmarkSuite
+    cost: str | None = None  # class: cost(config, workload) with peak_bytes(plan), step_time(plan), ...
+    scheduler: str | None = None  # module with the backend's memory scheduler
+    memory: str | None = None  # module with describe_devices() -> str and device_total_bytes(model) -> int | None
+    bench_models: tuple[str, ...] = ()
+
+    def require(self, part: str) -> str:
+        """The loader string of ``part``, checked without importing anything; BackendFeatureError naming what
+        is missing (and which backends have it) if this backend has none."""
+        if part not in LOADERS:
+            raise ValueError(f"part={part!r} is not one of {list(LOADERS)}")
+        target = getattr(self, part)
+        if target is None:
+            raise BackendFeatureError(f"the {self.name} backend has no {part} yet; backends with one: "
+                                      f"{', '.join(backends_with(part)) or 'none'}")
+        return target
+
+    def load(self, part: str) -> Any:
+        """The object behind loader ``part`` (imported now); BackendFeatureError if the backend has none."""
+        import importlib
+
+        module, _, attr = self.require(part).partition(":")
+        obj = importlib.import_module(module)
+        return getattr(obj, attr) if attr else obj
+
+
+def _as_record(name_or_record: Any, build: Any = None, **loaders: Any) -> BackendRecord:
+    if isinstance(name_or_record, BackendRecord):
+        if build is not None or loaders:
+            raise TypeError("register(record) takes no other arguments")
+        return name_or_record
+    if not isinstance(name_or_record, str) or not callable(build):
+        raise TypeError("register_backends: call register(BackendRecord(...)) or register(name, build, **loaders)")
+    return BackendRecord(name_or_record, build, **loaders)
 
 
 @dataclass
@@ -110,6 +159,10 @@ def _add_plugin(reg: Registry, plugin_name: str, plugin: Any) -> list[str]:
         if hook == "register_kernels":
             def register(k: Any, _out=out) -> None:
                 _out.append(Entry(getattr(k, "name", str(k)), k, plugin_name, dist))
+        elif hook == "register_backends":
+            def register(name_or_record: Any, build: Any = None, _out=out, **loaders: Any) -> None:
+                record = _as_record(name_or_record, build, **loaders)
+                _out.append(Entry(record.name, record, plugin_name, dist))
         else:
             def register(name: str, obj: Any, _out=out) -> None:
                 _out.append(Entry(name, obj, plugin_name, dist))
@@ -190,7 +243,27 @@ def _lookup(table: dict[str, Entry], kind: str, name: str) -> Entry:
 
 
 def get_backend(name: str) -> Callable[..., Any]:
+    """The ``build`` function of backend ``name``."""
+    return backend_record(name).build
+
+
+def backend_record(name: str) -> BackendRecord:
+    """Everything backend ``name`` registered (``BackendRecord``); UnknownNameError lists the installed ones."""
     return _lookup(registry().backends, "backend", name).obj
+
+
+def backend_of(model: Any) -> BackendRecord | None:
+    """The record of the backend whose package defines ``type(model)`` (None for a foreign object)."""
+    package = type(model).__module__.partition(".")[0]
+    for entry in registry().backends.values():
+        if getattr(entry.obj.build, "__module__", "").partition(".")[0] == package:
+            return entry.obj
+    return None
+
+
+def backends_with(part: str) -> list[str]:
+    """Names of the installed backends whose record has loader ``part``."""
+    return sorted(n for n, e in registry().backends.items() if getattr(e.obj, part, None))
 
 
 def get_coupling(name: str, **options: Any):

@@ -5,7 +5,7 @@ from revnet_core.lazy import lazy_exports
 
 _EXPORTS = {
     "ReversibleTransformerJAX": "revnet_jax.model",
-    "JAXMemoryScheduler": "revnet_jax.memory",
+    "JAXMemoryScheduler": "revnet_jax.scheduler",
 }
 
 __all__ = sorted(_EXPORTS)

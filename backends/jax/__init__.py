@@ -16,7 +16,7 @@ _EXPORTS = {
     "chunked_lm_loss": ".loss",
     "load_weights": ".weights",
     "save_weights": ".weights",
-    "JAXMemoryScheduler": ".memory",
+    "JAXMemoryScheduler": ".scheduler",
     "compiled_memory": ".memory",
 }
 

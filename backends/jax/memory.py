@@ -1,5 +1,5 @@
-"""Memory: what a compiled step needs (``compiled_memory``) and ``JAXMemoryScheduler``, which picks how the
-layer stack trades memory for recompute.
+"""Memory: what a compiled step needs (``compiled_memory``), whether the device has host memory to offload to,
+and the device line of ``revnet info``. The scheduler that uses them is ``revnet_jax.scheduler``.
 
 XLA plans every buffer at compile time, so ``jax.jit(f).lower(*args).compile().memory_analysis()`` states
 exactly what a step holds besides its arguments and outputs (``temp``): on CPU as on GPU, no device needed.
@@ -7,13 +7,7 @@ exactly what a step holds besides its arguments and outputs (``temp``): on CPU a
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
-
 import jax
-
-REMATERIALIZATION_POLICIES = ("reverse", "selective", "full", "none")
-
 
 def compiled_memory(fn, *args, **kwargs) -> dict[str, int]:
     """Bytes XLA plans for ``jax.jit(fn)(*args)``: temp, argument, output, alias and their host parts.
@@ -36,80 +30,13 @@ def host_memory_available(device=None) -> bool:
         return False
 
 
-class ScheduledModel:
-    """A model with a memory schedule applied. ``scheduled(params, inputs)`` -> logits (B, T, V);
-    ``scheduled.loss(params, inputs, labels=None)`` -> scalar; both pure, for ``jax.jit`` / ``jax.grad``."""
-
-    def __init__(self, model, description: str):
-        self.model = model
-        self.description = description
-
-    def __call__(self, params, inputs, *, key=None):
-        return self.model.apply(params, inputs, key=key)
-
-    def loss(self, params, inputs, labels=None, *, key=None):
-        return self.model.loss(params, inputs, labels, key=key)
-
-    def __repr__(self) -> str:
-        return f"ScheduledModel({self.description})"
+def describe_devices() -> str:
+    """One line for ``revnet info``: the devices jax sees (platform and kind)."""
+    devices = jax.devices()
+    return f"{devices[0].platform}: {', '.join(sorted({d.device_kind for d in devices}))} x{len(devices)}"
 
 
-class JAXMemoryScheduler:
-    """How the layer stack of a ``ReversibleTransformerJAX`` keeps what its backward needs.
-
-    ``rematerialization_policy``:
-
-    * ``"reverse"``: the reversible backward; keeps no activation per layer (the default);
-    * ``"full"``: ``jax.checkpoint`` per layer; keeps each layer's two input streams;
-    * ``"selective"``: ``jax.checkpoint`` saving the outputs of the weight matmuls
-      (``dots_with_no_batch_dims_saveable``) and recomputing the rest (attention, norms, activations);
-    * ``"none"``: plain autodiff; keeps everything.
-
-    ``offload_to_cpu`` moves what ``full`` / ``selective`` keep to pinned host memory (layer inputs, resp.
-    the saved matmul outputs) where the platform has one; elsewhere it warns and keeps them on device.
-    With ``reverse`` or ``none`` there is nothing to offload and it warns. ``scan_layers`` runs the stack with
-    ``lax.scan`` (compile time flat in depth) instead of a Python loop.
-    """
-
-    def __init__(self, scan_layers: bool = True, rematerialization_policy: str = "reverse",
-                 offload_to_cpu: bool = False):
-        if rematerialization_policy not in REMATERIALIZATION_POLICIES:
-            raise ValueError(f"rematerialization_policy={rematerialization_policy!r} is not one of "
-                             f"{list(REMATERIALIZATION_POLICIES)}")
-        self.scan_layers = bool(scan_layers)
-        self.rematerialization_policy = rematerialization_policy
-        self.offload_to_cpu = bool(offload_to_cpu)
-
-    def schedule(self, model) -> ScheduledModel:
-        """``model`` (a ReversibleTransformerJAX) with this schedule; the original model is unchanged."""
-        remat = self.rematerialization_policy
-        offload = self.offload_to_cpu
-        if offload and remat in ("reverse", "none"):
-            warnings.warn(f"offload_to_cpu has no effect with rematerialization_policy={remat!r}: "
-                          + ("the reversible backward keeps no activations" if remat == "reverse"
-                             else "plain autodiff keeps everything on device"), stacklevel=2)
-            offload = False
-        if offload and not host_memory_available():
-            warnings.warn(f"offload_to_cpu=True but {jax.devices()[0].platform} has no pinned host memory "
-                          "space; activations stay on device", stacklevel=2)
-            offload = False
-        options: dict[str, Any] = {"use_scan": self.scan_layers}
-        if remat == "reverse":
-            options["policies"] = "reverse"
-        elif remat == "none":
-            options["policies"] = "store"
-        else:
-            options["policies"] = "checkpoint"
-            cp = jax.checkpoint_policies
-            if remat == "selective":
-                options["remat_policy"] = (cp.offload_dot_with_no_batch_dims("device", "pinned_host") if offload
-                                           else cp.dots_with_no_batch_dims_saveable)
-            else:
-                options["offload"] = offload
-        description = (f"scan_layers={self.scan_layers}, rematerialization_policy={remat!r}, "
-                       f"offload_to_cpu={offload}")
-        return ScheduledModel(model.replace(**options), description)
-
-    def __repr__(self) -> str:
-        return (f"JAXMemoryScheduler(scan_layers={self.scan_layers}, "
-                f"rematerialization_policy={self.rematerialization_policy!r}, offload_to_cpu={self.offload_to_cpu})")
+def device_total_bytes(model) -> int | None:
+    """Total memory of the first device where XLA reports it (GPU, TPU); None on the CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from revnet_core.config import POLICIES, ModelConfig
+from revnet_core import policies as policy_table
+from revnet_core.config import ModelConfig
 from revnet_core.errors import ConfigError, InputError
 from revnet_core.inputs import check_id_range, check_length
 
@@ -147,14 +148,7 @@ class ReversibleTransformerJAX:
     def set_policy(self, policy: str | Sequence[str]) -> None:
         """One policy for every layer, or one per layer: reverse | store | checkpoint. Functions already
         traced (e.g. ``jax.jit(model.loss)``) keep the policy they were traced with."""
-        L = self.config.num_layers
-        policies = [policy] * L if isinstance(policy, str) else list(policy)
-        if len(policies) != L:
-            raise ConfigError(f"got {len(policies)} policies for {L} layers")
-        for p in policies:
-            if p not in POLICIES:
-                raise ConfigError(f"policy={p!r} is not one of {list(POLICIES)}")
-        self.policies = tuple(policies)
+        self.policies = policy_table.check_all(policy, self.config.num_layers)
         self._jitted.clear()
 
     def replace(self, **options) -> "ReversibleTransformerJAX":

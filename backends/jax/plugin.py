@@ -1,6 +1,7 @@
-"""Registers the JAX backend. Importing this module does not import jax: ``build`` does."""
+"""Registers the JAX backend's record. Importing this module does not import jax: ``build`` does."""
 
 from revnet_core.hookspecs import hookimpl
+from revnet_core.registry import BackendRecord
 
 
 def build(config, *, weights=None):
@@ -13,6 +14,14 @@ def build(config, *, weights=None):
     return model
 
 
+# No trainer and no bench yet (the JAX trainer is its own issue): `revnet train --backend jax` says so.
+RECORD = BackendRecord(
+    "jax", build,
+    scheduler="revnet_jax.scheduler",
+    memory="revnet_jax.memory",
+)
+
+
 @hookimpl
 def register_backends(register):
-    register("jax", build)
+    register(RECORD)

@@ -40,7 +40,7 @@ from revnet_core.config import ModelConfig
 from revnet_core.errors import ConfigError
 
 METRICS = ("memory", "throughput", "energy")
-SPEC_KINDS = ("plain", "checkpoint", "offload", "reversible")
+from .plugin import BENCH_MODELS as SPEC_KINDS  # the record names them before torch is imported
 OPTIMIZERS = ("adamw", "sgd", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 _PLAIN_MEMORY = {"plain": "store", "checkpoint": "checkpoint", "offload": "offload"}

@@ -386,7 +386,8 @@ class CommonPitfalls:
         seq = _setting(cfg, "seq_len", "max_length", "sequence_length", "context_length")
         if budget is None or mc is None or seq is None:
             return
-        from revnet_core.cost_model import CostModel, Workload
+        from revnet_core.memory import Workload
+        from .cost import CostModel
 
         device = str(_setting(cfg, "device", default=_first_param(model).device.type))
         precision = str(_setting(cfg, "precision", default="bf16" if device.startswith("cuda") else "fp32"))

@@ -53,3 +53,22 @@ def live_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> int:
             if key not in skip:
                 seen[key] = nbytes
     return sum(seen.values())
+
+
+def describe_devices() -> str:
+    """One line for ``revnet info``: the GPUs torch sees, else the CPU."""
+    import os
+    import platform
+
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"CUDA: {', '.join(names)}"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def device_total_bytes(model) -> int | None:
+    """Total memory of the GPU holding ``model``'s parameters; None on the CPU (the caller asks the OS)."""
+    p = next(iter(model.parameters()), None)
+    if p is None or p.device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(p.device).total_memory

@@ -8,8 +8,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from revnet_core.config import POLICIES, ModelConfig
-from revnet_core.errors import ConfigError, InputError
+from revnet_core import policies as policy_table
+from revnet_core.config import ModelConfig
+from revnet_core.errors import InputError
 from revnet_core.inputs import check_id_range, check_length
 
 from .blocks import Rotary, make_norm
@@ -63,14 +64,8 @@ class ReversibleTransformer(nn.Module):
 
     # --- policies -------------------------------------------------------------------------------------
     def set_policy(self, policy: str | Sequence[str]) -> None:
-        """One policy for every layer, or a list with one per layer: reverse | store | checkpoint."""
-        policies = [policy] * len(self.layers) if isinstance(policy, str) else list(policy)
-        if len(policies) != len(self.layers):
-            raise ConfigError(f"got {len(policies)} policies for {len(self.layers)} layers")
-        for p in policies:
-            if p not in POLICIES:
-                raise ConfigError(f"policy={p!r} is not one of {list(POLICIES)}")
-        self.policies = policies
+        """One policy for every layer, or a list with one per layer: a name of ``revnet_core.policies``."""
+        self.policies = list(policy_table.check_all(policy, len(self.layers)))
 
     def set_scheduler(self, scheduler) -> None:
         """Let ``scheduler`` (a ``revnet_torch.scheduler.LayerScheduler`` or ``MemoryScheduler``) choose the

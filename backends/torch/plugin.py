@@ -1,6 +1,11 @@
-"""Registers the torch backend. Importing this module does not import torch: ``build`` does."""
+"""Registers the torch backend's record. Importing this module does not import torch: ``build`` does."""
 
 from revnet_core.hookspecs import hookimpl
+from revnet_core.registry import BackendRecord
+
+# The bench module's built-in models (revnet_torch.bench builds each), named here so `revnet bench` checks
+# a name before torch is imported.
+BENCH_MODELS = ("plain", "checkpoint", "offload", "reversible")
 
 
 def build(config, *, weights=None):
@@ -14,6 +19,17 @@ def build(config, *, weights=None):
     return model
 
 
+RECORD = BackendRecord(
+    "torch", build,
+    trainer="revnet_torch.trainer",
+    bench="revnet_torch.bench",
+    cost="revnet_torch.cost:CostModel",
+    scheduler="revnet_torch.scheduler",
+    memory="revnet_torch.memory",
+    bench_models=BENCH_MODELS,
+)
+
+
 @hookimpl
 def register_backends(register):
-    register("torch", build)
+    register(RECORD)

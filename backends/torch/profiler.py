@@ -20,7 +20,8 @@ from typing import Sequence
 
 import torch
 
-from revnet_core.cost_model import CostModel, format_bytes
+from revnet_core.memory import format_bytes
+from .cost import CostModel
 
 from .engine import run_layers
 from .memory import saved_tensor_bytes

@@ -29,7 +29,8 @@ from typing import Iterable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from revnet_core.cost_model import CostModel, Workload
+from revnet_core.memory import Workload
+from .cost import CostModel
 from revnet_core.couplings import BaseCoupling
 from revnet_core.planner import GRANULARITIES, STRATEGIES, Plan, plan_layers
 

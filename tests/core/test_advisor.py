@@ -6,7 +6,8 @@ import pytest
 from revnet_core import ModelConfig
 from revnet_core.advisor import (GPUS_MIB, OptimalConfigs, OptimizationAdvisor, Recommendation, gpu_budget,
                                  usable_bytes)
-from revnet_core.cost_model import CostModel, Workload
+from revnet_core.memory import Workload
+from revnet_torch.cost import CostModel
 
 SEED = ModelConfig(num_layers=24, d_model=1024, num_heads=16, d_ff=4096, vocab_size=50257, max_seq_len=65536)
 

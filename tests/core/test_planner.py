@@ -3,7 +3,8 @@
 import pytest
 
 from revnet_core import ModelConfig
-from revnet_core.cost_model import CostModel, Workload
+from revnet_core.memory import Workload
+from revnet_torch.cost import CostModel
 from revnet_core.planner import layer_options, plan_exhaustive, plan_layers
 
 CFG = ModelConfig(num_layers=5, d_model=64, num_heads=4, d_ff=128, vocab_size=128, max_seq_len=4096)

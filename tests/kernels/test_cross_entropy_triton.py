@@ -134,7 +134,7 @@ def test_cost_model_knows_the_kernels_buffers(n, vocab, monkeypatch):
 
     import revnet_kernels.cross_entropy_triton as ce_triton
 
-    from revnet_core.cost_model import fused_ce_layout
+    from revnet_torch.cost import fused_ce_layout
 
     shapes = []
 

@@ -40,7 +40,7 @@ EXPECTED = {
     ("revnet_zero.configs", "OptimalConfigs"): ("revnet_core.advisor", "OptimalConfigs"),
     ("revnet_zero.benchmarks", "BenchmarkSuite"): ("revnet_torch.bench", "BenchmarkSuite"),
     ("revnet_zero.jax", "ReversibleTransformerJAX"): ("revnet_jax.model", "ReversibleTransformerJAX"),
-    ("revnet_zero.jax", "JAXMemoryScheduler"): ("revnet_jax.memory", "JAXMemoryScheduler"),
+    ("revnet_zero.jax", "JAXMemoryScheduler"): ("revnet_jax.scheduler", "JAXMemoryScheduler"),
 }
 # Names the README uses for systems that are planned, not built: they must not exist as stubs.
 PLANNED = [("revnet_zero", "convert_to_reversible"), ("revnet_zero.layers", "RationalFourierAttention"),

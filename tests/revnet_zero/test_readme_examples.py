@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revnet_core.cost_model import CostModel, Workload
+from revnet_core.memory import Workload
+from revnet_torch.cost import CostModel
 
 # Small stand-ins for the README's sizes (24 layers, d_model 1024, 16 heads, 256k tokens).
 LAYERS, D, HEADS, SEQ, VOCAB = 4, 32, 4, 64, 256

@@ -67,7 +67,8 @@ def plan_saved_bytes(model, ids, plan, autocast: bool) -> int:
 def saved_bytes_case(fields: dict, T: int, autocast: bool):
     """A 3-layer CPU model of ``fields`` (batch 2, T tokens), its cost model, and (plan, predicted, measured)
     saved bytes for every plan of PLANS."""
-    from revnet_core.cost_model import CostModel, Workload
+    from revnet_core.memory import Workload
+    from revnet_torch.cost import CostModel
 
     torch.manual_seed(0)
     cfg = revnet_core.ModelConfig(num_layers=3, vocab_size=64, loss_chunk_size=16, max_seq_len=256, **fields)
@@ -81,7 +82,8 @@ def step_peak(model, ids, autocast: bool, before_measuring=lambda: None):
     """(predicted, measured, cost_model): the peak above the start of a CPU training step, step 2 (AdamW's
     state exists), every allocation recorded by DetailedMemoryProfiler, against the cost model's prediction
     for the model's policies. ``before_measuring`` runs between step 1 and step 2."""
-    from revnet_core.cost_model import CostModel, Workload
+    from revnet_core.memory import Workload
+    from revnet_torch.cost import CostModel
     from revnet_torch.profiler import DetailedMemoryProfiler
 
     opt = torch.optim.AdamW(model.parameters(), fused=True)

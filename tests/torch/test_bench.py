@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from revnet_core.cli import BENCH_METRICS, BENCH_MODELS
+from revnet_core.registry import backend_record
+from revnet_zero.cli import BENCH_METRICS
 from revnet_core.errors import ConfigError
 from revnet_torch.bench import (METRICS, SPEC_KINDS, BenchmarkResults, BenchmarkSuite, ModelSpec, _child_result,
                                 build_model, measure, weights_digest)
@@ -223,8 +224,8 @@ def test_built_in_weights_do_not_depend_on_the_kind():
     assert len(digests) == 1
 
 
-def test_the_cli_names_the_same_models_and_metrics():
-    assert BENCH_MODELS == SPEC_KINDS and BENCH_METRICS == METRICS
+def test_the_record_names_the_bench_modules_models_and_the_cli_its_metrics():
+    assert backend_record("torch").bench_models is SPEC_KINDS and BENCH_METRICS == METRICS
 
 
 # --- the command line and the docs -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import revnet_core
-from revnet_core.cli import main
+from revnet_zero.cli import main
 from revnet_core.data import file_corpus, lm_data
 from revnet_torch import checkpoint as ckpt
 from revnet_torch.trainer import LongContextTrainer, read_log

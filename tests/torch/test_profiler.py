@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import revnet_core
-from revnet_core.cost_model import CostModel, Workload
+from revnet_core.memory import Workload
+from revnet_torch.cost import CostModel
 from revnet_torch.profiler import DetailedMemoryProfiler, MemoryProfiler
 from revnet_torch.scheduler import AdaptiveScheduler
 

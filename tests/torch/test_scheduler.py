@@ -8,7 +8,8 @@ import torch
 
 import revnet_core
 from revnet_core import ModelConfig
-from revnet_core.cost_model import ROPE_CHUNK, CostModel, Workload
+from revnet_core.memory import Workload
+from revnet_torch.cost import ROPE_CHUNK, CostModel
 from revnet_torch import blocks
 from revnet_torch.memory import saved_tensor_bytes
 from revnet_torch.scheduler import (AdaptiveScheduler, CalibratedCost, LayerScheduler, MemoryScheduler,

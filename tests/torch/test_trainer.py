@@ -11,7 +11,7 @@ import torch
 
 import revnet_core
 from revnet_core import ConfigError, InputError
-from revnet_core.cli import main
+from revnet_zero.cli import main
 from revnet_core.data import lm_data, stdlib_corpus
 from revnet_torch.trainer import LongContextTrainer, cosine_schedule, read_log
 

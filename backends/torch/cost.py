@@ -54,58 +54,16 @@ see docs/memory.md), cuBLAS/cuDNN workspaces, and the CPU flash-attention kernel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Sequence
 
-from .config import GATED_ACTIVATIONS, ModelConfig
+from revnet_core import policies as policy_table
+from revnet_core.config import GATED_ACTIVATIONS, ModelConfig
+from revnet_core.memory import DTYPE_BYTES, StepMemory, Tape, Workload
+from revnet_core.memory import chunks as _chunks
 
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 ROPE_CHUNK = 16384  # tokens per chunk of the rotary rotation (revnet_torch.blocks.ROPE_CHUNK)
-OPTIMIZERS = ("adamw", "sgd", "none")
-DEVICES = ("cuda", "cpu")
 ATTENTION_KERNELS = ("sdpa", "math", "reference")
-# Per-layer plans: the engine's three policies, plus a stored layer with one block recomputed.
-PLAN_POLICIES = ("store", "recompute_ffn", "recompute_attention", "checkpoint", "reverse")
-GiB = 2**30
-
-# Tensor categories of the breakdown.
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "streams", "activations", "recompute",
-              "loss_head", "embedding", "autocast_cache", "outputs")
-
-
-@dataclass(frozen=True)
-class Workload:
-    """How the model is run: shapes, dtypes, device and optimizer. Defaults: the seed's GPU setting."""
-
-    batch: int = 1
-    seq_len: int = 2048
-    param_dtype: str = "float32"
-    autocast_dtype: str | None = "bfloat16"  # None: no autocast, blocks compute in the stream dtype
-    device: str = "cuda"  # decides the attention kernel's workspace and dropout's mask dtype
-    attention: str | None = None  # sdpa | math | reference; None: what the config selects
-    optimizer: str = "adamw"  # adamw (fused: no step temporaries) | sgd (no momentum) | none
-    training: bool = True  # dropout active (module.train())
-    hold_outputs: bool = False  # the caller keeps the final hidden states (return_hidden=True) past the backward
-
-    def __post_init__(self):
-        for name in ("batch", "seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        if self.param_dtype not in DTYPE_BYTES:
-            raise ValueError(f"param_dtype={self.param_dtype!r} is not one of {list(DTYPE_BYTES)}")
-        if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            raise ValueError(f"autocast_dtype={self.autocast_dtype!r} must be None, 'bfloat16' or 'float16'")
-        if self.device not in DEVICES:
-            raise ValueError(f"device={self.device!r} is not one of {list(DEVICES)}")
-        if self.attention not in (None, *ATTENTION_KERNELS):
-            raise ValueError(f"attention={self.attention!r} is not one of {list(ATTENTION_KERNELS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is not one of {list(OPTIMIZERS)}")
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
 
 
 @dataclass(frozen=True)
@@ -170,7 +128,7 @@ def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
     affine = cfg.coupling == "affine"
     fx = 2 * cfg.d_model if affine else cfg.d_model
     if cfg.coupling not in ("additive", "affine"):  # a plugin coupling: its width from the registry; its own
-        from .build import resolve_coupling  # forward's temporaries are not modelled (counted as additive)
+        from revnet_core.build import resolve_coupling  # forward's temporaries are not modelled (counted as additive)
 
         fx = resolve_coupling(cfg).fx_features(cfg.d_model)
     return Sizes(
@@ -207,109 +165,6 @@ def _heads_per_chunk(cfg: ModelConfig, w: Workload) -> int:
     HEAD_CHUNK_TOKENS; at most H."""
     per = cfg.attn_head_chunk or max(1, HEAD_CHUNK_TOKENS // max(1, w.tokens))
     return min(cfg.num_heads, per)
-
-
-def _chunks(total: int, step: int) -> list[int]:
-    """Sizes of consecutive chunks of at most ``step`` covering ``total``."""
-    step = step if 0 < step < total else total
-    return [min(step, total - s) for s in range(0, total, step)]
-
-
-class Tape:
-    """Bytes alive over a sequence of allocations and frees, with owners counted.
-
-    A tensor is ``alloc``-ed with one owner (the Python name or temporary that holds it); ``saved=True``
-    adds autograd's ownership (a saved tensor of the node being recorded). ``hold`` adds an owner,
-    ``free`` drops one; the bytes go when the last owner does. Saves made in the forward are what
-    ``saved_tensors_hooks`` (``revnet_torch.memory.saved_tensor_bytes``) sees.
-    """
-
-    def __init__(self, record: bool = False):
-        self.live: dict[str, list] = {}  # name -> [bytes, category, owners]
-        self.total = 0
-        self.peak = 0
-        self.peak_label = ""
-        self.peak_by_category: dict[str, int] = {}
-        self.by_category: dict[str, int] = {}
-        self.label = ""
-        self.forward = True  # saves count only in the forward; a recompute in the backward is not "saved"
-        self.saved: dict[str, int] = {}
-        self.phase_peaks: dict[str, int] = {}
-        self.phase_starts: dict[str, int] = {}
-        self.record = record
-        self.log: list[tuple] = []
-
-    def set_label(self, label: str) -> None:
-        self.label = label
-        self.phase_starts.setdefault(label, self.total)
-
-    def _change(self, name: str, nbytes: int, cat: str) -> None:
-        self.total += nbytes
-        self.by_category[cat] = self.by_category.get(cat, 0) + nbytes
-        if self.record:
-            self.log.append((self.label, name, nbytes, cat))
-        if self.total > self.peak:
-            self.peak, self.peak_label = self.total, self.label
-            self.peak_by_category = dict(self.by_category)
-        if self.total > self.phase_peaks.get(self.label, -1):
-            self.phase_peaks[self.label] = self.total
-
-    def alloc(self, name: str, nbytes: int, cat: str, saved: bool = False) -> str:
-        if nbytes <= 0:
-            return name
-        if name in self.live:
-            raise AssertionError(f"tape: {name} allocated twice")
-        self.live[name] = [nbytes, cat, 2 if saved else 1]
-        if saved and self.forward:
-            self.saved[name] = nbytes
-        self._change(name, nbytes, cat)
-        return name
-
-    def hold(self, name: str, saved: bool = False) -> None:
-        entry = self.live.get(name)
-        if entry is None:
-            return
-        entry[2] += 1
-        if saved and self.forward:
-            self.saved[name] = entry[0]
-
-    def free(self, *names: str | None) -> None:
-        for name in names:
-            entry = self.live.get(name) if name else None
-            if entry is None:
-                continue
-            entry[2] -= 1
-            if entry[2] == 0:
-                del self.live[name]
-                self._change(name, -entry[0], entry[1])
-
-    def owners(self, name: str) -> int:
-        entry = self.live.get(name)
-        return entry[2] if entry else 0
-
-
-@dataclass
-class StepMemory:
-    """A simulated step: the peak, the phase it happened in, and what was alive then, by category."""
-
-    peak: int
-    phase: str
-    breakdown: dict[str, int]
-    saved_bytes: int  # what autograd saves in the forward (parameters excluded)
-    phase_peaks: dict[str, int] = field(default_factory=dict)
-    phase_starts: dict[str, int] = field(default_factory=dict)
-    log: list = field(default_factory=list, repr=False)
-
-    def transient(self, phase: str) -> int:
-        """Bytes a phase adds above what was alive when it began."""
-        return self.phase_peaks.get(phase, 0) - self.phase_starts.get(phase, 0)
-
-    def summary(self) -> str:
-        rows = [f"peak {format_bytes(self.peak)} during {self.phase}"]
-        for cat, b in sorted(self.breakdown.items(), key=lambda kv: -kv[1]):
-            if b:
-                rows.append(f"  {cat:<16} {format_bytes(b):>12}")
-        return "\n".join(rows)
 
 
 class _Step:
@@ -1240,6 +1095,8 @@ class CostModel:
         self.config = config
         base = workload if workload is not None else Workload()
         self.workload = replace(base, **workload_fields) if workload_fields else base
+        if self.workload.attention not in (None, *ATTENTION_KERNELS):
+            raise ValueError(f"attention={self.workload.attention!r} is not one of {list(ATTENTION_KERNELS)}")
         self.sizes = _sizes(config, self.workload)
         self._memo: dict[tuple, StepMemory] = {}
 
@@ -1299,8 +1156,8 @@ class CostModel:
         if len(policies) != self.config.num_layers:
             raise ValueError(f"got {len(policies)} policies for {self.config.num_layers} layers")
         for p in policies:
-            if p not in PLAN_POLICIES:
-                raise ValueError(f"policy={p!r} is not one of {list(PLAN_POLICIES)}")
+            if p not in policy_table.BY_NAME:
+                raise ValueError(f"policy={p!r} is not one of {list(policy_table.NAMES)}")
         return policies
 
     def simulate(self, policies: Sequence[str] | str, record: bool = False) -> StepMemory:
@@ -1571,22 +1428,3 @@ class CostModel:
     def relative_step_time(self, policies: Sequence[str] | str) -> float:
         """Step compute relative to storing every layer (1.0: no recompute)."""
         return self.step_time(policies) / self.step_time("store")
-
-
-def format_bytes(n: float) -> str:
-    """1536 -> '1.50 KiB'; binary units."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def plan_summary(policies: Iterable[str]) -> str:
-    """'store x6, reverse x18': a plan in layer order, runs collapsed."""
-    out: list[list] = []
-    for p in policies:
-        if out and out[-1][0] == p:
-            out[-1][1] += 1
-        else:
-            out.append([p, 1])
-    return ", ".join(f"{p} x{n}" for p, n in out)

@@ -10,7 +10,8 @@ from importlib import metadata
 import pytest
 
 from revnet_core import hookimpl
-from revnet_core.cli import PRESETS, build_parser, build_settings, main
+from revnet_core.settings import PRESETS, build_settings
+from revnet_zero.cli import build_parser, main
 from revnet_core.registry import register_plugin, unregister_plugin
 
 
@@ -22,7 +23,7 @@ def run(capsys, *argv):
 
 
 def test_cli_imports_no_framework_even_when_it_rejects_bad_input():
-    code = ("import sys; from revnet_core.cli import main; rc = main(['train', '--data', '/no/such/path']); "
+    code = ("import sys; from revnet_zero.cli import main; rc = main(['train', '--data', '/no/such/path']); "
             "print(rc, sorted(m for m in ('torch', 'jax') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.split("\n")[0] == "2 []"
@@ -31,8 +32,8 @@ def test_cli_imports_no_framework_even_when_it_rejects_bad_input():
 
 def test_console_script_and_module_entry_points():
     (ep,) = [e for e in metadata.entry_points(group="console_scripts") if e.name == "revnet"]
-    assert ep.value == "revnet_core.cli:main"
-    proc = subprocess.run([sys.executable, "-m", "revnet_core", "--version"], capture_output=True, text=True)
+    assert ep.value == "revnet_zero.cli:main"
+    proc = subprocess.run([sys.executable, "-m", "revnet_zero", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("revnet-zero ")
 
 
@@ -86,7 +87,7 @@ def test_bench_bad_flags_give_one_line_and_exit_2(capsys, argv, message):
 
 
 def test_bench_rejects_bad_input_without_importing_a_framework():
-    code = ("import sys; from revnet_core.cli import main; rc = main(['bench', '--models', 'gpt']); "
+    code = ("import sys; from revnet_zero.cli import main; rc = main(['bench', '--models', 'gpt']); "
             "print(rc, sorted(m for m in ('torch', 'jax') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.split("\n")[0] == "2 []"
@@ -94,7 +95,7 @@ def test_bench_rejects_bad_input_without_importing_a_framework():
 
 
 def test_bench_is_listed_with_its_flags():
-    proc = subprocess.run([sys.executable, "-m", "revnet_core", "bench", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "revnet_zero", "bench", "--help"], capture_output=True, text=True,
                           check=True)
     for flag in ("--models", "--seq", "--layers", "--d-model", "--heads", "--vocab", "--steps", "--out"):
         assert flag in proc.stdout
@@ -171,7 +172,7 @@ def test_bad_config_files_exit_2(tmp_path, capsys, content, message):
 def test_info_lists_backends_couplings_kernels_plugins_versions_and_device(capsys):
     code, out, _ = run(capsys, "info")
     assert code == 0
-    for text in ("versions: revnet-zero", "python", "torch", "device: ", "backends: ", "torch (revnet-zero",
+    for text in ("versions: revnet-zero", "python", "torch", "devices:", "  torch: ", "backends: ", "torch (revnet-zero",
                  "couplings: ", "additive", "affine", "kernels by device:", "plugins:"):
         assert text in out, text
 
@@ -193,3 +194,44 @@ def test_plugins_lists_distribution_and_failures(capsys):
     assert "test-cli-broken" in out and "boom" in out
     code, out, _ = run(capsys, "plugins", "--json")
     assert code == 0 and '"kind": "coupling"' in out
+
+
+# --- backend records --------------------------------------------------------------------------------------
+def test_a_backend_without_a_trainer_is_named_before_any_data_is_read(capsys):
+    code, _, err = run(capsys, "train", "--backend", "jax", "--data", "/no/such/path")
+    assert code == 2
+    assert "the jax backend has no trainer yet; backends with one: torch" in err
+    code, _, err = run(capsys, "bench", "--backend", "jax")
+    assert code == 2 and "the jax backend has no bench yet" in err
+
+
+def test_train_reaches_the_trainer_through_the_record(tmp_path, capsys, monkeypatch):
+    """A backend registered in-process with a trainer loader: `revnet train --backend` finds it by the record,
+    whatever module registered it."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("fake_revnet_trainer")
+
+    def fake_run(settings, data):
+        calls.append((settings.backend, settings.seq_len, len(data.eval_batches)))
+        return {"step": 1, "steps": 1, "loss": 1.0, "device": "cpu", "precision": "fp32", "paths": {}}
+
+    fake.run = fake_run
+    monkeypatch.setitem(sys.modules, "fake_revnet_trainer", fake)
+    from revnet_core.registry import BackendRecord
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            register(BackendRecord("fake", lambda config, weights=None: None, trainer="fake_revnet_trainer"))
+
+    name = register_plugin(Plugin(), name="test-cli-fake-backend")
+    try:
+        code, out, err = run(capsys, "train", "--backend", "fake", "--seq-len", "32", "--steps", "1",
+                             "--out", str(tmp_path / "run"))
+    finally:
+        unregister_plugin(name)
+    assert code == 0, err
+    assert calls and calls[0][:2] == ("fake", 32)
+    assert "step 1/1" in out

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import revnet_core
-from revnet_core.cost_model import HEAD_CHUNK_TOKENS, CostModel, Workload
+from revnet_core.memory import Workload
+from revnet_torch.cost import HEAD_CHUNK_TOKENS, CostModel
 from revnet_torch import blocks
 from revnet_torch.blocks import AttentionBlock
 from revnet_torch.profiler import MemoryProfiler

@@ -1,4 +1,4 @@
-"""``python -m revnet_core``: the same as the ``revnet`` command."""
+"""``python -m revnet_zero``: the same as the ``revnet`` command."""
 
 import sys
 

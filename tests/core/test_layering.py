@@ -1,0 +1,85 @@
+"""The architecture's rules, checked on the source: the core imports no framework, and the policy names are
+written down once (``revnet_core.policies``)."""
+
+import ast
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import revnet_core
+from revnet_core import policies
+
+ROOT = Path(__file__).resolve().parents[2]
+FRAMEWORKS = ("torch", "jax", "jaxlib", "numba", "triton")
+SOURCE = ("revnet_core", "backends", "kernels", "revnet_zero")
+
+
+def test_importing_every_core_module_imports_no_framework():
+    modules = sorted(m.name for m in pkgutil.iter_modules(revnet_core.__path__, "revnet_core."))
+    code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+            f"print(sorted(m for m in {FRAMEWORKS!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert len(modules) >= 15
+
+
+def _imported_names(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.partition(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+        elif isinstance(node, ast.Attribute) and node.attr == "modules" and getattr(node.value, "id", "") == "sys":
+            names.add("sys.modules")
+    return names
+
+
+def test_the_core_source_names_no_framework_or_backend_in_code():
+    """Not even a lazy import inside a function, nor a look into sys.modules."""
+    banned = set(FRAMEWORKS) | {"revnet_torch", "revnet_jax", "revnet_numba", "revnet_kernels", "sys.modules"}
+    for path in sorted((ROOT / "revnet_core").glob("*.py")):
+        found = _imported_names(ast.parse(path.read_text())) & banned
+        assert not found, f"{path.name} imports {sorted(found)}"
+
+
+def test_the_core_stays_small():
+    lines = sum(len(p.read_text().splitlines()) for p in (ROOT / "revnet_core").glob("*.py"))
+    assert lines < 2500, lines
+
+
+def _string_sequences(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            values = [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            if values:
+                yield node.lineno, values
+        elif isinstance(node, ast.Dict):
+            keys = [k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+            if keys:
+                yield node.lineno, keys
+
+
+def test_no_second_list_of_policy_names():
+    """A literal naming two or more policies outside the table is a second vocabulary that will drift."""
+    names = set(policies.NAMES)
+    table = ROOT / "revnet_core" / "policies.py"
+    offenders = []
+    for folder in SOURCE:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == table:
+                continue
+            for line, values in _string_sequences(ast.parse(path.read_text())):
+                if len(set(values) & names) >= 2:
+                    offenders.append(f"{path.relative_to(ROOT)}:{line}: {sorted(set(values) & names)}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_table_is_consistent():
+    assert policies.DEFAULT in policies.NAMES
+    for menu in policies.GRANULARITIES.values():
+        assert set(menu) <= set(policies.NAMES) and menu[0] == "store" and menu[-1] == "reverse"
+    assert set(policies.REMATERIALIZATION.values()) <= set(policies.NAMES)
+    assert not set(policies.DIRECTIVES) & set(policies.NAMES)
+    assert [p.name for p in policies.TABLE if p.needs_inverse] == ["reverse"]
