@@ -26,6 +26,20 @@ def default_chunk_rows(vocab: int) -> int:
     return min(max(1 << (rows.bit_length() - 1), 16), 8192)
 
 
+PAD_MULTIPLE = 64  # the fused head pads the vocabulary to a multiple of this when it is not one
+
+
+def fused_layout(vocab: int, rows: int, pad_vocab: bool | None = None,
+                 chunk_size: int | None = None) -> tuple[int, int, bool]:
+    """(rows per chunk, padded vocabulary, padded?) of the fused linear cross-entropy over ``rows`` rows: the
+    weight is zero-padded to a multiple of PAD_MULTIPLE when V is not one, and the default chunk then halved
+    (the padded copy takes the memory of half a chunk's logits)."""
+    pad = vocab % PAD_MULTIPLE != 0 if pad_vocab is None else pad_vocab
+    chunk = chunk_size or default_chunk_rows(vocab) // (2 if pad else 1)
+    padded = -(-vocab // PAD_MULTIPLE) * PAD_MULTIPLE
+    return min(max(chunk, 1), max(rows, 1)), padded, pad
+
+
 def check_ce_inputs(hidden, weight, targets) -> None:
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"weight must be (V, d) with d = hidden's last dim; got {tuple(weight.shape)=}, "

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import IGNORE_INDEX, default_chunk_rows, linear_ce_function
+from .cross_entropy import IGNORE_INDEX, fused_layout, linear_ce_function
 from .utils import compute_dtype, interpreting, next_power_of_2
 
 
@@ -83,9 +83,7 @@ def linear_cross_entropy_forward(h, w, targets, ignore_index: int = IGNORE_INDEX
     """
     cdt = compute_dtype(h)
     (n_rows, d), vocab = h.shape, w.shape[0]
-    pad_vocab = vocab % 64 != 0 if pad_vocab is None else pad_vocab
-    chunk = chunk_size or default_chunk_rows(vocab) // (2 if pad_vocab else 1)
-    chunk = min(max(chunk, 1), max(n_rows, 1))
+    chunk, padded, pad_vocab = fused_layout(vocab, n_rows, pad_vocab, chunk_size)
     blocks = blocks or CrossEntropyBlocks.get_default(vocab)
     need_grad = need_dh or need_dw
     targets = targets.contiguous()
@@ -95,7 +93,6 @@ def linear_cross_entropy_forward(h, w, targets, ignore_index: int = IGNORE_INDEX
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None
     # Rows of the logits buffer start 128-byte aligned: with an odd vocabulary (50257) as leading dimension
     # cuBLAS leaves its tensor-core path.
-    padded = -(-vocab // 64) * 64
     width = padded if pad_vocab else vocab  # the matmuls' vocabulary dimension
     dw = torch.zeros((width, d), dtype=torch.float32, device=w.device) if need_dw else None
     with torch.autocast(h.device.type, enabled=False):

@@ -9,6 +9,7 @@ Contract (``BaseCoupling``)::
     forward(x, fx)          -> y       # x: (..., d) stream, fx: (..., fx_features(d))
     inverse(y, fx)          -> x       # exact up to floating-point rounding
     vjp(x, fx, dy)          -> (dx, dfx) or NotImplemented (the backend then differentiates ``forward``)
+    capabilities            -> frozenset of names the sweep may exploit (see ``CAPABILITIES``)
 """
 
 from __future__ import annotations
@@ -18,10 +19,19 @@ from enum import Enum
 from array_api_compat import array_namespace
 
 
+# What a coupling may declare, and what the sweep then does for it.
+CAPABILITIES = {
+    # y = x + fx: dx = dfx = dy, and the inverse needs fx alone; a block may then differentiate itself in
+    # pieces (the torch engine's head-chunked attention backward) without waiting for the whole of fx.
+    "additive": "y = x + fx exactly (cotangents pass through unchanged)",
+}
+
+
 class BaseCoupling:
     """Subclass this to write a coupling; see the module docstring for the contract."""
 
     name: str = ""
+    capabilities: frozenset = frozenset()
 
     def fx_features(self, d: int) -> int:
         return d
@@ -48,6 +58,7 @@ class AdditiveCoupling(BaseCoupling):
     """``y = x + f``: volume preserving, the cheapest inverse (``x = y - f``)."""
 
     name = "additive"
+    capabilities = frozenset({"additive"})
 
     def forward(self, x, fx):
         return x + fx

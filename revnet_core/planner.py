@@ -3,7 +3,7 @@
 Each layer has a menu of options, from the most memory and least compute (``store``) to the least memory and
 most compute (``reverse``, or ``checkpoint`` where a layer cannot be inverted), and, at finer granularity, a
 stored layer with one block recomputed (``recompute_ffn``, ``recompute_attention``). A plan is one option per
-layer; the cost model (``revnet_core.cost_model.CostModel``, or anything with ``peak_bytes(plan)`` and
+layer; the cost model (a backend's ``cost`` model, e.g. ``revnet_torch.cost.CostModel``, or anything with ``peak_bytes(plan)`` and
 ``step_time(plan)``) prices it.
 
 Where the memory goes: saved activations of the layers below a layer are still alive while that layer runs

@@ -60,6 +60,16 @@ def _defining_class(cls: type, name: str) -> type | None:
     return next((c for c in cls.__mro__ if name in c.__dict__), None)
 
 
+def has_capability(coupling: BaseCoupling, name: str) -> bool:
+    """Whether ``coupling`` declares capability ``name`` (``couplings.CAPABILITIES``), declared by the very
+    class that defines its ``forward`` and ``inverse``: a subclass that rewrites either loses what its parent
+    declared unless it declares it again."""
+    cls = type(coupling)
+    declarer = _defining_class(cls, "capabilities")
+    return (name in getattr(coupling, "capabilities", ())
+            and declarer is _defining_class(cls, "forward") and declarer is _defining_class(cls, "inverse"))
+
+
 def invert(coupling: BaseCoupling, y, fx, overwrite: bool):
     """``coupling.inverse``, or its in-place twin when allowed and written by the same class: a subclass
     that overrides only ``inverse`` must not silently get its parent's ``inverse_``."""

@@ -37,7 +37,7 @@ def test_quick_start_is_three_commands_that_exist():
     assert install.startswith("pip install") and "-e" in shlex.split(install)
     assert train == "revnet train"
     assert tests == "nox"
-    help_text = subprocess.run([sys.executable, "-m", "revnet_core", "train", "--help"], capture_output=True,
+    help_text = subprocess.run([sys.executable, "-m", "revnet_zero", "train", "--help"], capture_output=True,
                                text=True, check=True).stdout
     assert "--steps" in help_text
     sessions = subprocess.run([sys.executable, "-m", "nox", "--list"], cwd=ROOT, capture_output=True, text=True,

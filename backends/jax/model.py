@@ -146,9 +146,15 @@ class ReversibleTransformerJAX:
 
     # --- static options -------------------------------------------------------------------------------
     def set_policy(self, policy: str | Sequence[str]) -> None:
-        """One policy for every layer, or one per layer: reverse | store | checkpoint. Functions already
+        """One policy for every layer, or one per layer (revnet_core.policies; the block-level ones are torch's
+        alone for now). Functions already
         traced (e.g. ``jax.jit(model.loss)``) keep the policy they were traced with."""
-        self.policies = policy_table.check_all(policy, self.config.num_layers)
+        policies = policy_table.check_all(policy, self.config.num_layers)
+        for p in policies:
+            if policy_table.BY_NAME[p].recomputes in ("attention", "ffn"):  # block-level remat: not built in JAX yet
+                raise ConfigError(f"policy={p!r} is not built in the JAX backend yet; JAX takes "
+                                  f"{[q.name for q in policy_table.TABLE if q.recomputes in ('', 'layer')]}")
+        self.policies = policies
         self._jitted.clear()
 
     def replace(self, **options) -> "ReversibleTransformerJAX":

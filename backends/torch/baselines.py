@@ -14,13 +14,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from revnet_core import policies as policy_table
 from revnet_core.config import ModelConfig
 
 from .blocks import AttentionBlock, FeedForwardBlock, Rotary, make_norm
 from .model import ModelOutput, init_weights
 from .loss import lm_loss, shift_targets
 
-MEMORY_MODES = ("store", "checkpoint", "offload")
+# A plain GPT's memory modes: the table's policies it can run (no inverse, no block recompute), and offload.
+MEMORY_MODES = tuple(p.name for p in policy_table.TABLE if not p.needs_inverse and p.recomputes in ("", "layer")) \
+    + ("offload",)
 
 
 class PlainLayer(nn.Module):

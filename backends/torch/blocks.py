@@ -99,6 +99,12 @@ def reference_attention(q, k, v, dropout_p: float = 0.0, training: bool = False)
 HEAD_CHUNK_TOKENS = 1 << 20  # automatic head chunks hold about this many (token, head) pairs
 
 
+def heads_per_chunk(num_heads: int, head_chunk: int, tokens: int) -> int:
+    """Heads of one attention chunk: ``head_chunk`` (config ``attn_head_chunk``), or when 0 as many as keep
+    tokens x heads near HEAD_CHUNK_TOKENS (one chunk up to 64k tokens at batch 1); at most ``num_heads``."""
+    return min(num_heads, head_chunk or max(1, HEAD_CHUNK_TOKENS // max(1, tokens)))
+
+
 class AttentionBlock(nn.Module):
     """F(x) = proj(attention(rope(q), rope(k), v)) over norm(x). (B, T, d) -> (B, T, out_features).
 
@@ -125,11 +131,9 @@ class AttentionBlock(nn.Module):
         self.window = window
 
     def head_chunks(self, B: int, T: int) -> list[slice]:
-        """The head slices the attention runs over, in order: ``head_chunk`` heads each, or when 0 as many
-        as keep B*T*heads near HEAD_CHUNK_TOKENS (one chunk up to 64k tokens at batch 1)."""
+        """The head slices the attention runs over, in order (``heads_per_chunk`` each)."""
         H = self.num_heads
-        per = self.head_chunk or max(1, HEAD_CHUNK_TOKENS // max(1, B * T))
-        per = min(H, per)
+        per = heads_per_chunk(H, self.head_chunk, B * T)
         return [slice(s, min(s + per, H)) for s in range(0, H, per)]
 
     def _core(self, q, k, v):

@@ -1,4 +1,6 @@
-"""The memory and compute cost of one training step, predicted from the config alone (no framework).
+"""The memory and compute cost of one torch training step, predicted from the config alone (no tensor is
+allocated): the torch backend's replay of its own code, beside it so that it imports the constants and rules it
+mirrors.
 
 Bytes are derived from what our code allocates, line by line, not fitted: the model *simulates* a training
 step on a tape of allocations and frees that mirrors the torch backend (``blocks.py``, ``engine.py``,
@@ -58,11 +60,16 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from revnet_core import policies as policy_table
+from revnet_core.build import resolve_coupling
 from revnet_core.config import GATED_ACTIVATIONS, ModelConfig
 from revnet_core.memory import DTYPE_BYTES, StepMemory, Tape, Workload
 from revnet_core.memory import chunks as _chunks
+from revnet_core.sweep import has_capability
 
-ROPE_CHUNK = 16384  # tokens per chunk of the rotary rotation (revnet_torch.blocks.ROPE_CHUNK)
+from revnet_kernels.cross_entropy import fused_layout
+
+from .blocks import ROPE_CHUNK, heads_per_chunk
+from .loss import uses_fused_head  # imported, not copied: the replay cannot drift
 ATTENTION_KERNELS = ("sdpa", "math", "reference")
 
 
@@ -128,8 +135,7 @@ def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
     affine = cfg.coupling == "affine"
     fx = 2 * cfg.d_model if affine else cfg.d_model
     if cfg.coupling not in ("additive", "affine"):  # a plugin coupling: its width from the registry; its own
-        from revnet_core.build import resolve_coupling  # forward's temporaries are not modelled (counted as additive)
-
+        # forward's temporaries are not modelled (counted as additive)
         fx = resolve_coupling(cfg).fx_features(cfg.d_model)
     return Sizes(
         B=w.batch, T=w.seq_len, N=w.tokens, d=cfg.d_model, H=cfg.num_heads, ff=cfg.ffn_dim,
@@ -139,32 +145,19 @@ def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
         activation=cfg.activation, attention=attention, device=w.device,
         drop=cfg.dropout if w.training else 0.0, attn_drop=attn_drop, head_chunk=cfg.loss_chunk_size,
         ffn_chunk=cfg.ffn_chunk_size, attn_heads=_heads_per_chunk(cfg, w),
-        loss_fused=cfg.loss_kernel == "fused" or (cfg.loss_kernel == "auto" and w.device == "cuda"),
+        loss_fused=uses_fused_head(cfg.loss_kernel, w.device),
     )
 
 
-CE_LOGITS_BUDGET = 1 << 26  # elements of one logits chunk (revnet_kernels.cross_entropy.LOGITS_BUDGET)
-
-
 def fused_ce_layout(vocab: int, rows: int) -> tuple[int, int]:
-    """(rows per chunk, padded vocabulary) of revnet_kernels' Triton linear cross-entropy with its defaults:
-    the weight is zero-padded to a multiple of 64 rows when V is not one, and the chunk then halved."""
-    per = max(CE_LOGITS_BUDGET // max(vocab, 1), 1)
-    chunk = min(max(1 << (per.bit_length() - 1), 16), 8192)
-    padded = -(-vocab // 64) * 64
-    if padded != vocab:
-        chunk //= 2
-    return min(max(chunk, 1), max(rows, 1)), padded
-
-
-HEAD_CHUNK_TOKENS = 1 << 20  # (token, head) pairs of an automatic head chunk (revnet_torch.blocks.HEAD_CHUNK_TOKENS)
+    """(rows per chunk, padded vocabulary) of revnet_kernels' fused linear cross-entropy with its defaults."""
+    chunk, padded, _ = fused_layout(vocab, rows)
+    return chunk, padded
 
 
 def _heads_per_chunk(cfg: ModelConfig, w: Workload) -> int:
-    """AttentionBlock.head_chunks: ``attn_head_chunk`` heads, or when 0 as many as keep B*T*heads near
-    HEAD_CHUNK_TOKENS; at most H."""
-    per = cfg.attn_head_chunk or max(1, HEAD_CHUNK_TOKENS // max(1, w.tokens))
-    return min(cfg.num_heads, per)
+    """AttentionBlock.head_chunks' chunk size for this config and workload."""
+    return heads_per_chunk(cfg.num_heads, cfg.attn_head_chunk, w.tokens)
 
 
 class _Step:
@@ -937,11 +930,11 @@ class _Step:
 
     def head_chunked_half(self) -> bool:
         """Whether the engine runs the F half through AttentionBlock.additive_half_backward
-        (engine.head_chunked_half): more than one head chunk, the additive coupling, and no random draws
-        (no dropout in training). Compiled blocks take the generic half, which is not modelled apart."""
+        (engine.head_chunked_half): more than one head chunk, a coupling with the "additive" capability, and
+        no random draws (no dropout in training). Compiled blocks take the generic half, not modelled apart."""
         z = self.z
-        return (len(z.head_counts()) > 1 and self.cm.config.coupling == "additive" and not z.drop
-                and not z.attn_drop)
+        return (len(z.head_counts()) > 1 and not z.drop and not z.attn_drop
+                and has_capability(resolve_coupling(self.cm.config), "additive"))
 
     def reverse_backward(self, i: int, y1: str, y2: str, dy1: str, dy2: str, owned_y: bool,
                          owned_dy: bool) -> tuple[str, str, str, str]:
@@ -1020,7 +1013,7 @@ class _Step:
         """ReversibleLayer's forward_step under ``policy`` (run_layers), plus the block checkpoints."""
         t, N = self.t, self.z.N
         pre = f"L{i}."
-        if policy in ("reverse", "checkpoint"):
+        if policy_table.BY_NAME[policy].recomputes == "layer":
             if policy == "checkpoint":  # torch.utils.checkpoint saves the layer's inputs, drops the rest
                 t.hold(x1, saved=True)
                 t.hold(x2, saved=True)
@@ -1388,7 +1381,7 @@ class CostModel:
             "autocast_cache": self.autocast_cache_bytes(),
             "peak": sim.peak,
         }
-        for p in ("store", "reverse", "checkpoint"):
+        for p in (q.name for q in policy_table.TABLE if q.recomputes in ("", "layer")):  # the whole-layer ones
             out[f"layer_saved_{p}"] = self.layer_saved_bytes(p)
             out[f"layer_transient_{p}"] = self.layer_transient_bytes(p)
         return out
@@ -1412,9 +1405,8 @@ class CostModel:
         f = self.block_flops()
         attn = f["attention_matmuls"] + f["attention_core"]
         base = 3 * (f["attention_matmuls"] + f["ffn"]) + 3.5 * f["attention_core"]
-        extra = {"store": 0.0, "reverse": attn + f["ffn"], "checkpoint": attn + f["ffn"],
-                 "recompute_attention": attn, "recompute_ffn": f["ffn"]}
-        return base + extra[policy]
+        again = {"": 0.0, "layer": attn + f["ffn"], "attention": attn, "ffn": f["ffn"]}
+        return base + again[policy_table.BY_NAME[policy].recomputes]
 
     def head_time(self) -> float:
         """The chunked loss head computes logits, dh and dW in the forward: three (N, d, V) matmuls."""

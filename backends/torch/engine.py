@@ -20,9 +20,10 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from revnet_core.couplings import AdditiveCoupling
-from revnet_core.errors import ReversibilityError
-from revnet_core.sweep import LayerSpec, backward_step, forward_step, half_backward, pair_backward_step
+from revnet_core import policies as policies_table
+from revnet_core.errors import ConfigError, ReversibilityError
+from revnet_core.sweep import (LayerSpec, backward_step, forward_step, half_backward, has_capability,
+                               pair_backward_step)
 
 from .layers import PairCoupling, ReversibleLayer
 
@@ -148,14 +149,15 @@ def chunked_half(block: _Block, coupling, u, y, dy, vjp, coupling_autodiff, over
 
 
 def head_chunked_half(block: _Block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite: bool):
-    """The F half through the block's own head-chunked backward where it has one and it applies: an
-    additive coupling (the chunks' cotangents need not wait for F), an attention run over more than one
-    head chunk, no random draws to replay, and an eager module (a compiled forward would not be the
-    function the eager chunks compute bit for bit). Otherwise ``half_backward``.
+    """The F half through the block's own head-chunked backward where it has one and it applies: a
+    coupling with the "additive" capability (revnet_core.couplings.CAPABILITIES: the chunks' cotangents need
+    not wait for F), an attention run over more than one head chunk, no random draws to replay, and an eager
+    module (a compiled forward would not be the function the eager chunks compute bit for bit). Otherwise
+    ``half_backward``.
     """
     module = block.module
     fast = getattr(module, "additive_half_backward", None)
-    if (fast is not None and overwrite and type(coupling) is AdditiveCoupling and not block.record_rng
+    if (fast is not None and overwrite and has_capability(coupling, "additive") and not block.record_rng
             and getattr(module, "_compiled_call_impl", None) is None
             and len(module.head_chunks(u.shape[0], u.shape[-2])) > 1):
         with block.autocast.replay():
@@ -324,8 +326,10 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
                *, private_outputs: bool = False):
     """Run the stack: (x1, x2) -> (y1, y2), each (B, T, d), one policy per layer.
 
-    reverse: no activations kept (rebuilt from outputs); store: plain autograd; checkpoint: keeps the
-    layer's inputs and recomputes it (torch.utils.checkpoint, which replays autocast and RNG itself).
+    Every policy of ``revnet_core.policies`` is implemented here: reverse: no activations kept (rebuilt from
+    outputs); store: plain autograd; checkpoint: keeps the layer's inputs and recomputes it
+    (torch.utils.checkpoint, which replays autocast and RNG itself); recompute_attention / recompute_ffn: a
+    stored layer whose attention (FFN) block alone runs under torch.utils.checkpoint.
     ``private_outputs``: the caller keeps no
     reference to (y1, y2) or to their cotangents, so the backward may rebuild streams and accumulate
     cotangents in their memory.
@@ -345,8 +349,14 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
             x1, x2 = _ReverseLayerFn.apply(x1, x2, run, *run.params)
             continue
         segment = None
-        if policy == "checkpoint" and grad:
+        recomputes = policies_table.BY_NAME[policies_table.check(policy)].recomputes
+        if recomputes == "layer" and grad:  # checkpoint
             x1, x2 = checkpoint(layer, x1, x2, use_reentrant=False)
+        elif recomputes and recomputes != "layer":  # one block of a stored layer: recompute_attention/_ffn
+            if not isinstance(layer, ReversibleLayer):
+                raise ConfigError(f"layer {i}: policy={policy!r} recomputes one block of a ReversibleLayer; "
+                                  f"{type(layer).__name__} has no {recomputes} block (use 'checkpoint')")
+            x1, x2 = layer(x1, x2, recompute=recomputes) if grad else layer(x1, x2)
         else:
             x1, x2 = layer(x1, x2)
     if segment is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from revnet_core.build import resolve_coupling
 from revnet_core.config import ModelConfig
@@ -93,6 +94,19 @@ class PairCoupling(nn.Module):
         raise NotImplementedError
 
 
+_HALVES = ("attention", "ffn")  # the blocks a stored layer can recompute on their own: F, G
+
+
+class _Checkpointed:
+    """A block called under ``torch.utils.checkpoint``: keeps its input, runs it again in the backward."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
 class ReversibleLayer(nn.Module):
     """One reversible transformer layer over two streams (B, T, d) each."""
 
@@ -118,9 +132,23 @@ class ReversibleLayer(nn.Module):
     def spec(self) -> LayerSpec:
         return LayerSpec(self.attn.block, self.ffn.block, self.attn.coupling, self.ffn.coupling)
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
-        """Plain autograd through the layer (the ``store`` policy)."""
-        return forward_step(x1, x2, self.spec())
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, *, recompute: str = ""):
+        """Plain autograd through the layer (the ``store`` policy). ``recompute="attention"`` (or ``"ffn"``):
+        that block runs under ``torch.utils.checkpoint`` when grad is enabled, so the layer keeps the block's
+        input instead of its activations and runs it again in the backward (``recompute_attention``,
+        ``recompute_ffn``)."""
+        spec = self.spec()
+        if recompute:
+            if recompute not in _HALVES:
+                raise ValueError(f"recompute={recompute!r} is not one of {list(_HALVES)} (or empty)")
+            if torch.is_grad_enabled():
+                f, g = spec.f, spec.g
+                if recompute == "attention":
+                    f = _Checkpointed(f)
+                else:
+                    g = _Checkpointed(g)
+                spec = LayerSpec(f, g, spec.cf, spec.cg)
+        return forward_step(x1, x2, spec)
 
     def inverse(self, y1: torch.Tensor, y2: torch.Tensor):
         """The layer's inputs rebuilt from its outputs."""

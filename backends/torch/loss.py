@@ -73,6 +73,11 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk_size)
 
 
+def uses_fused_head(kernel: str, device_type: str) -> bool:
+    """The ``loss_kernel`` rule: "fused" always, "auto" on CUDA (ROCm included), "chunked" never."""
+    return kernel == "fused" or (kernel == "auto" and device_type == "cuda")
+
+
 def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024,
             kernel: str = "auto"):
     """The model's loss head: mean next-token cross-entropy of hidden (B, T, d) @ weight (V, d).T against
@@ -80,7 +85,7 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, c
     registry's choice: Triton on CUDA/ROCm; 0.34 against 0.96 GiB above the inputs and 3.5x faster than the
     chunked head at 32k tokens on an H100, docs/kernels.md); "chunked" runs chunked_lm_loss; "auto" the
     fused one on CUDA (ROCm included), the chunked one elsewhere."""
-    if kernel == "fused" or (kernel == "auto" and hidden.device.type == "cuda"):
+    if uses_fused_head(kernel, hidden.device.type):
         from revnet_kernels.cross_entropy import linear_cross_entropy
 
         return linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX)

@@ -60,6 +60,7 @@ class ReversibleTransformer(nn.Module):
         self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.policies: list[str] = [config.policy] * config.num_layers
+        self.scheduler = None  # the memory scheduler set_scheduler attached (revnet_torch.scheduler), if any
         init_weights(self, config)
 
     # --- policies -------------------------------------------------------------------------------------

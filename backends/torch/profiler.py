@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from revnet_core import policies as policy_table
 from revnet_core.memory import format_bytes
 from .cost import CostModel
 
@@ -115,10 +116,15 @@ class MemoryProfile:
         return "\n".join(rows)
 
 
+# The policies a profile measures by default: the whole-layer ones (no block recompute); the cost model derives a
+# block recompute's time from them (``CalibratedCost.step_time``).
+WHOLE_LAYER = tuple(p.name for p in policy_table.TABLE if p.recomputes in ("", "layer"))
+
+
 class MemoryProfiler:
     """Per-layer measured memory and time of ``model`` (a ReversibleTransformer) on a sample batch."""
 
-    def __init__(self, model, policies: Sequence[str] = ("store", "reverse", "checkpoint"), repeats: int = 1,
+    def __init__(self, model, policies: Sequence[str] = WHOLE_LAYER, repeats: int = 1,
                  warmup: int = 1):
         for attr in ("layers", "streams", "config"):
             if not hasattr(model, attr):
@@ -148,8 +154,7 @@ class MemoryProfiler:
             cm = CostModel(model.config, w)
             if whole_model:
                 model_saved = self._model_saved(ids)
-                plan = [p if p in ("store", "reverse", "checkpoint") else "store" for p in model.policies]
-                model_pred = cm.saved_bytes(plan)
+                model_pred = cm.saved_bytes(list(model.policies))  # the engine ran exactly these
         predicted = {p: cm.layer_saved_bytes(p) for p in self.policies}
         return MemoryProfile(ids.shape[0], ids.shape[1], str(device), w.autocast_dtype, self.policies, layers,
                              predicted, model_saved, model_pred)

@@ -13,10 +13,12 @@ The user's three call shapes::
     model.set_scheduler(LayerScheduler().set_policy(layers=range(0, 6), policy="store"))
 
 A scheduler hooks the model's forward: before it, it plans for the actual shape, dtype and autocast state
-(``revnet_core.planner``), sets ``model.policies`` and, for a stored layer that recomputes one block, wraps
-that block in ``torch.utils.checkpoint``; after it, it compares what the forward kept with the prediction and
+(``revnet_core.planner``) and sets ``model.policies`` to the plan (the engine implements every policy; a
+scheduler never patches a block); after it, it compares what the forward kept with the prediction and
 corrects the next plan if they disagree (saved-tensor bytes on CPU, allocator bytes on CUDA, and on CUDA the
-allocator's peak since the last reset against the budget).
+allocator's peak since the last reset against the budget). On CPU the saved-tensor count needs hooks of its
+own, and only one pair of saved-tensor hooks acts at a time: under the caller's hooks (``save_on_cpu``, ...)
+the scheduler installs none and that forward goes unmeasured, so the caller's hooks are never shadowed.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from revnet_core import policies as policy_table
 from revnet_core.memory import Workload
 from .cost import CostModel
 from revnet_core.couplings import BaseCoupling
@@ -136,22 +138,19 @@ class CalibratedCost:
         return total
 
 
-# --- block-level recompute inside a stored layer ----------------------------------------------------------
-def _checkpoint_block(block: torch.nn.Module) -> torch.nn.Module:
-    """Make ``block`` run under torch.utils.checkpoint (keeps its input, recomputes it in the backward)."""
-    fn = type(block).forward
-
-    def forward(x, _block=block, _fn=fn):
-        if torch.is_grad_enabled():
-            return checkpoint(_fn, _block, x, use_reentrant=False)
-        return _fn(_block, x)
-
-    block.__dict__["forward"] = forward  # an instance attribute shadows the class's forward
-    return block
-
-
-def _uncheckpoint_block(block: torch.nn.Module) -> None:
-    block.__dict__.pop("forward", None)
+def saved_tensor_hooks_active() -> bool:
+    """Whether the caller has saved-tensor hooks installed (``torch.autograd.graph.saved_tensors_hooks``,
+    ``save_on_cpu``, ...). Hooks of our own would replace theirs, not nest. Asked through public autograd:
+    a saved tensor already packed by default hooks refuses ``register_hooks``; the probe saves one 1-element
+    tensor, which the caller's pack hook sees once."""
+    probe = torch.zeros(1, requires_grad=True)
+    with torch.enable_grad():
+        out = probe.exp()  # saves its result
+    try:
+        out.grad_fn._raw_saved_result.register_hooks(lambda t: t, lambda t: t)
+    except RuntimeError:
+        return True
+    return False
 
 
 @dataclass
@@ -190,7 +189,6 @@ class _Scheduler:
         self.adjustments: list[str] = []
         self._plans: dict[tuple, tuple[Plan, CalibratedCost]] = {}
         self._handles: list = []
-        self._patched: list[torch.nn.Module] = []
         self._restore: list[str] | None = None
         self._pending: tuple | None = None
 
@@ -231,12 +229,9 @@ class _Scheduler:
         for h in self._handles:
             h.remove()
         self._handles = []
-        self._unpatch()
+        self._restore_policies()
 
-    def _unpatch(self) -> None:
-        for block in self._patched:
-            _uncheckpoint_block(block)
-        self._patched = []
+    def _restore_policies(self) -> None:
         if self._restore is not None:
             self.model.policies = self._restore
             self._restore = None
@@ -248,13 +243,7 @@ class _Scheduler:
         plan = self.plan_for(batch, seq_len)
         priced = self._plans[self._key(batch, seq_len)][1]
         self._restore = list(self.model.policies)
-        engine = ["store" if p in ("recompute_attention", "recompute_ffn") else p for p in plan.policies]
-        self.model.set_policy(engine)
-        for layer, p in zip(self.model.layers, plan.policies):
-            if p == "recompute_attention":
-                self._patched.append(_checkpoint_block(layer.attn.block))
-            elif p == "recompute_ffn":
-                self._patched.append(_checkpoint_block(layer.ffn.block))
+        self.model.set_policy(plan.policies)  # the engine implements every policy, block recomputes included
         record = ForwardRecord(batch, seq_len, plan, 0)
         device = next(self.model.parameters()).device
         meter = None
@@ -263,6 +252,8 @@ class _Scheduler:
                 record.measure = "cuda allocated after forward - before"
                 record.raw_predicted = self._forward_retained(priced, plan)
                 meter = torch.cuda.memory_allocated(device)
+            elif saved_tensor_hooks_active():
+                record.measure = "not measured: the caller's saved-tensor hooks are active"
             else:
                 record.measure = "saved-tensor bytes"
                 record.raw_predicted = priced.saved_bytes(plan.policies)
@@ -288,7 +279,7 @@ class _Scheduler:
                 self._correct(record)
             self.history.append(record)
         finally:
-            self._unpatch()
+            self._restore_policies()
         return None
 
     @staticmethod
@@ -429,7 +420,7 @@ class LayerScheduler:
     under ``memory_budget``, default the device's free memory). Attach with ``model.set_scheduler(...)``.
     """
 
-    POLICIES = ("store", "recompute", "adaptive", "reverse", "checkpoint", "recompute_attention", "recompute_ffn")
+    POLICIES = policy_table.NAMES + policy_table.DIRECTIVES
 
     def __init__(self, memory_budget: int | None = None, recompute_granularity: str = "block",
                  optimizer: str = "adamw"):
@@ -502,7 +493,8 @@ def attach(model, scheduler) -> None:
 
     Accepts a LayerScheduler, or a MemoryScheduler/AdaptiveScheduler (which then acts on every forward, not
     only inside ``with``)."""
-    old = model.__dict__.pop("_revnet_scheduler", None)
+    old = getattr(model, "scheduler", None)
+    model.scheduler = None
     if old is not None:
         old._uninstall()
         model.policies = old.defaults
@@ -519,4 +511,4 @@ def attach(model, scheduler) -> None:
     else:
         raise TypeError(f"set_scheduler expects a LayerScheduler or a MemoryScheduler, got {type(scheduler).__name__}")
     handle._install()
-    model.__dict__["_revnet_scheduler"] = handle
+    model.scheduler = handle

@@ -705,7 +705,7 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
 def _last_policies(model) -> list[str]:
     """The per-layer policies of the last forward: an attached scheduler's plan (it restores the model's
     defaults after each forward), else the model's own."""
-    scheduler = model.__dict__.get("_revnet_scheduler")  # set by model.set_scheduler (revnet_torch.scheduler)
+    scheduler = getattr(model, "scheduler", None)  # set by model.set_scheduler (revnet_torch.scheduler)
     plan = scheduler.plan if scheduler is not None else None
     return list(plan.policies) if plan is not None else list(getattr(model, "policies", []))
 

@@ -51,3 +51,28 @@ def test_affine_scale_bounded_away_from_zero():
 def test_couplings_registered_by_name():
     assert isinstance(get_coupling("additive"), AdditiveCoupling)
     assert get_coupling("affine", scale_init=0.2).scale_init == 0.2
+
+
+def test_capabilities_are_declared_by_the_class_that_defines_the_math():
+    from revnet_core.couplings import CAPABILITIES, AdditiveCoupling, AffineCoupling
+    from revnet_core.sweep import has_capability
+
+    class Scaled(AdditiveCoupling):  # rewrites forward and inverse: the parent's promise no longer holds
+        def forward(self, x, fx):
+            return x + 2 * fx
+
+        def inverse(self, y, fx):
+            return y - 2 * fx
+
+    class Renamed(AdditiveCoupling):  # changes nothing of the math
+        name = "renamed"
+
+    class Redeclared(Scaled):
+        capabilities = frozenset()
+
+    assert set(AdditiveCoupling.capabilities) <= set(CAPABILITIES)
+    assert has_capability(AdditiveCoupling(), "additive")
+    assert not has_capability(AffineCoupling(), "additive")
+    assert not has_capability(Scaled(), "additive")
+    assert not has_capability(Redeclared(), "additive")
+    assert has_capability(Renamed(), "additive")  # same math, same class behind it: the promise holds

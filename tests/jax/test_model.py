@@ -155,3 +155,14 @@ def test_discovery_does_not_import_jax_and_float64_needs_x64():
              "    raise SystemExit('no error')\n",
              JAX_ENABLE_X64="0")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_policies_come_from_the_one_table_and_unbuilt_ones_are_named():
+    model = ReversibleTransformerJAX(num_layers=2, d_model=32, num_heads=4, vocab_size=50)
+    model.set_policy(["checkpoint", "store"])
+    assert model.policies == ("checkpoint", "store")
+    with pytest.raises(ConfigError, match="policy='revers' is not one of"):
+        model.set_policy("revers")
+    with pytest.raises(ConfigError, match="'recompute_ffn' is not built in the JAX backend yet"):
+        model.set_policy(["reverse", "recompute_ffn"])
+    assert model.policies == ("checkpoint", "store")  # a refused call changes nothing

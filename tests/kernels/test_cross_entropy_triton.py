@@ -127,7 +127,7 @@ def test_property_any_shape(n, vocab, chunk):
 
 @pytest.mark.parametrize("n, vocab", [(3000, 100), (40, 64), (700, 40001)])  # the last: 512-row chunks
 def test_cost_model_knows_the_kernels_buffers(n, vocab, monkeypatch):
-    """revnet_core.cost_model.fused_ce_layout (the cost model cannot import the kernels) names the logits
+    """revnet_torch.cost.fused_ce_layout (through revnet_kernels.cross_entropy.fused_layout) names the logits
     chunk and the padded vocabulary this kernel allocates. Only the host's buffers matter here: the row
     kernel is replaced by a no-op (interpreting it over 40k columns takes minutes)."""
     from torch.utils._python_dispatch import TorchDispatchMode

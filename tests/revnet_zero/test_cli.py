@@ -53,7 +53,7 @@ def test_no_subcommand_prints_help_and_exits_2(capsys):
     (["train", "--task", "passkey", "--seq-len", "64"], "the passkey task needs seq_len >="),
     (["train", "--task", "passkey", "--data", "x.txt"], "--data is for --task lm"),
     (["train", "--policy", "reverse,store"], "got 2 policies for 4 layers"),
-    (["train", "--policy", "sometimes"], "policy 'sometimes' is not one of"),
+    (["train", "--policy", "sometimes"], "policy='sometimes' is not one of"),
     (["train", "--d-model", "100", "--heads", "3"], "d_model=100 must be divisible by num_heads=3"),
     (["train", "--steps", "0"], "steps=0 must be a positive integer"),
     (["train", "--resume"], "--resume without a path needs --out DIR"),

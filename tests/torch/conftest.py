@@ -55,7 +55,7 @@ def plan_saved_bytes(model, ids, plan, autocast: bool) -> int:
     for i, p in enumerate(plan):
         ls.set_policy(layers=[i], policy=p)
     model.set_scheduler(ls)
-    model.__dict__["_revnet_scheduler"].measure = False  # measured here instead (saved-tensor hooks do not nest)
+    model.scheduler.measure = False  # measured here instead (under our hooks it would skip its own anyway)
     with saved_tensor_bytes(exclude=list(model.parameters())) as saved:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(ids).loss

@@ -49,7 +49,7 @@ def cli_run(tmp_path_factory):
     """``revnet bench`` as a user runs it: the reversible model at seq 16, batch 2, the docs' tiny shape (one cell:
     each costs seconds; every kind's weights are compared in-process below)."""
     out = tmp_path_factory.mktemp("cli") / "bench"
-    cmd = [sys.executable, "-m", "revnet_core", "bench", "--models", "reversible", "--seq", "16",
+    cmd = [sys.executable, "-m", "revnet_zero", "bench", "--models", "reversible", "--seq", "16",
            "--batch", "2", "--layers", "2", "--d-model", "32", "--heads", "2", "--vocab", "64", "--steps", "3",
            "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

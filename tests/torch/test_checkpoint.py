@@ -201,7 +201,7 @@ def test_ctrl_c_checkpoints_and_resume_continues_exactly(tmp_path, corpus, capsy
     than the interrupted one without changing the schedule."""
     flags = [*CLI_TINY, "--data", str(corpus), "--warmup", "0", "--min-lr-ratio", "1.0", "--eval-every", "1000"]
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "revnet_core", *flags, "--steps", "100000", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "revnet_zero", *flags, "--steps", "100000", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = out / "log.jsonl"

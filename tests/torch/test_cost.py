@@ -175,11 +175,16 @@ def test_optimizer_and_dtype_change_the_static_bytes():
 @pytest.mark.parametrize("bad, match", [
     (dict(batch=0), "batch=0"), (dict(seq_len=-1), "seq_len"), (dict(param_dtype="int8"), "param_dtype"),
     (dict(autocast_dtype="float32"), "autocast_dtype"), (dict(device="tpu"), "device"),
-    (dict(attention="flash3"), "attention"), (dict(optimizer="lion"), "optimizer"),
+    (dict(optimizer="lion"), "optimizer"),
 ])
 def test_workload_errors_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):
         Workload(**bad)
+
+
+def test_the_attention_kernel_name_is_checked_by_the_backends_cost_model():
+    with pytest.raises(ValueError, match="attention='flash3' is not one of"):
+        CostModel(ModelConfig(num_layers=2, d_model=32, num_heads=2), Workload(attention="flash3"))
 
 
 def test_plan_errors_and_helpers():

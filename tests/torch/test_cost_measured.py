@@ -7,7 +7,8 @@ import torch
 
 import revnet_core
 from revnet_core.memory import Workload
-from revnet_torch.cost import HEAD_CHUNK_TOKENS, CostModel
+from revnet_torch.blocks import HEAD_CHUNK_TOKENS
+from revnet_torch.cost import CostModel
 from revnet_torch import blocks
 from revnet_torch.blocks import AttentionBlock
 from revnet_torch.profiler import MemoryProfiler

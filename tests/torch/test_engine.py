@@ -198,3 +198,55 @@ def test_outputs_held_by_the_caller_are_not_overwritten(tiny_model):
     kept = (y1.detach().clone(), y2.detach().clone())
     (y1.sum() + (y2 * 2).sum()).backward()
     assert torch.equal(y1.detach(), kept[0]) and torch.equal(y2.detach(), kept[1])
+
+
+@pytest.mark.parametrize("policy, block", [("recompute_attention", "attn"), ("recompute_ffn", "ffn")])
+def test_run_layers_implements_block_recomputes(tiny_model, policy, block):
+    """run_layers itself runs a stored layer with one block under torch.utils.checkpoint: plain autograd's
+    gradients, fewer saved bytes than ``store``, that block run again in the backward and no forward patched."""
+    from revnet_torch.memory import saved_tensor_bytes
+
+    model, ids = tiny_model(num_layers=2, dropout=0.1, attention_dropout=0.1)
+    model.train()
+    _, plain = grads_of(model, ids, "store")
+    calls = {"attn": 0, "ffn": 0}
+    hooks = [getattr(layer, name).block.register_forward_pre_hook(  # a pre-hook: the recompute stops early
+        lambda *a, _n=name: calls.__setitem__(_n, calls[_n] + 1)) for layer in model.layers for name in calls]
+    try:
+        model.set_policy("store")
+        with saved_tensor_bytes(exclude=list(model.parameters())) as stored:
+            model(ids).loss.backward()
+        for k in calls:
+            calls[k] = 0
+        with saved_tensor_bytes(exclude=list(model.parameters())) as recomputed:
+            _, grads = grads_of(model, ids, policy)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert_same_grads(grads, plain)
+    assert recomputed["bytes"] < stored["bytes"]
+    other = "ffn" if block == "attn" else "attn"
+    assert calls[block] == 4 and calls[other] == 2  # 2 layers: forward + recompute, forward only
+    assert all("forward" not in getattr(layer, n).block.__dict__ for layer in model.layers for n in calls)
+    with torch.no_grad():  # no grad: nothing to recompute, the same function
+        model.set_policy(policy)
+        torch.manual_seed(7)
+        a = model(ids).loss
+        model.set_policy("store")
+        torch.manual_seed(7)
+        assert torch.equal(a, model(ids).loss)
+
+
+def test_block_recompute_needs_a_layer_with_blocks():
+    from revnet_torch import PairCoupling
+
+    class Swap(PairCoupling):
+        def forward(self, x1, x2):
+            return x2, x1
+
+        def inverse(self, y1, y2):
+            return y2, y1
+
+    x = torch.randn(1, 4, 8, requires_grad=True)
+    with pytest.raises(revnet_core.ConfigError, match="recompute_ffn"):
+        run_layers([Swap()], ["recompute_ffn"], x, x)

@@ -48,6 +48,22 @@ def test_memory_profiler_layers_match_the_cost_model(coupling):
     assert "store saved" in text and "predicted per layer" in text
 
 
+def test_memory_profiler_runs_block_recomputes_as_the_engine_does():
+    """Block recomputes are the engine's own: a profile can measure them per layer, and the whole-model
+    prediction prices the model's policies as they are (no block policy read as ``store``)."""
+    model = small()
+    model.set_policy(["recompute_ffn", "recompute_attention", "store"])
+    ids = torch.randint(0, 128, (2, 64))
+    cm = CostModel(model.config, Workload(batch=2, seq_len=64, autocast_dtype=None, device="cpu"))
+    profile = MemoryProfiler(model, policies=("store", "recompute_ffn", "recompute_attention")).profile(ids)
+    for lp in profile.layers:
+        for policy in profile.policies:
+            assert lp.saved_bytes[policy] == cm.layer_saved_bytes(policy), (lp.index, policy)
+        assert lp.saved_bytes["recompute_ffn"] < lp.saved_bytes["store"]
+    assert profile.model_predicted_saved_bytes == cm.saved_bytes(model.policies)
+    assert profile.model_saved_bytes == profile.model_predicted_saved_bytes
+
+
 def test_profile_feeds_the_adaptive_scheduler():
     model = small()
     ids = torch.randint(0, 128, (1, 128))

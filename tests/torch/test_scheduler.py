@@ -48,7 +48,7 @@ def scheduled_grads(model, ids, policies):
         torch.manual_seed(1234)
         loss = model(ids).loss
         loss.backward()
-        assert list(model.__dict__["_revnet_scheduler"].plan.policies) == list(policies)
+        assert list(model.scheduler.plan.policies) == list(policies)
     finally:
         model.set_scheduler(None)
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -127,11 +127,11 @@ def test_layer_scheduler_readme_shape():
     layer_scheduler.set_policy(layers=range(18, 24), policy="adaptive")
     model.set_scheduler(layer_scheduler)
     model(ids).loss.backward()
-    plan = model.__dict__["_revnet_scheduler"].plan.policies
+    plan = model.scheduler.plan.policies
     assert plan[:6] == ("store",) * 6 and plan[6:18] == ("reverse",) * 12
     assert set(plan[18:]) <= {"store", "reverse"}
     model.set_scheduler(None)
-    assert "_revnet_scheduler" not in model.__dict__ and model.policies == ["reverse"] * 24
+    assert model.scheduler is None and model.policies == ["reverse"] * 24
 
 
 def test_recompute_means_checkpoint_for_a_layer_without_inverse(tiny_model):
@@ -144,7 +144,7 @@ def test_recompute_means_checkpoint_for_a_layer_without_inverse(tiny_model):
     ls = LayerScheduler().set_policy(layers=range(3), policy="recompute")
     model.set_scheduler(ls)
     model(ids).loss.backward()
-    assert model.__dict__["_revnet_scheduler"].plan.policies == ("reverse", "checkpoint", "reverse")
+    assert model.scheduler.plan.policies == ("reverse", "checkpoint", "reverse")
     model.set_scheduler(LayerScheduler().set_policy(layers=[1], policy="reverse"))
     with pytest.raises(ValueError, match="layer 1 cannot be reversed"):
         model(ids)
@@ -257,7 +257,7 @@ def test_block_recompute_is_real(tiny_model, policy, block):
     try:
         for p in ("store", policy):
             model.set_scheduler(LayerScheduler().set_policy(layers=range(2), policy=p))
-            model.__dict__["_revnet_scheduler"].measure = False
+            model.scheduler.measure = False
             for k in calls:
                 calls[k] = 0
             with saved_tensor_bytes(exclude=params) as s:
@@ -272,3 +272,68 @@ def test_block_recompute_is_real(tiny_model, policy, block):
     other = "attn" if block == "ffn" else "ffn"
     assert saved["store"][1] == {"attn": 2, "ffn": 2}
     assert saved[policy][1][block] == 4 and saved[policy][1][other] == 2
+
+
+def _plan_with_block_recomputes(model, ids):
+    """A MemoryScheduler whose plan mixes policies (block recomputes included) under a tight budget."""
+    cm = CostModel(model.config, Workload(batch=ids.shape[0], seq_len=ids.shape[1], param_dtype="float64",
+                                          autocast_dtype=None, device="cpu"))
+    budget = (cm.peak_bytes("store") + cm.peak_bytes("reverse")) // 2
+    return MemoryScheduler(model=model, strategy="adaptive", recompute_granularity="block", memory_budget=budget)
+
+
+@pytest.mark.parametrize("hooks", ["counting", "save_on_cpu"])
+def test_callers_saved_tensor_hooks_are_not_shadowed(tiny_model, hooks):
+    """A scheduled forward inside the caller's saved-tensor hooks: their pack hook sees the forward's saved
+    tensors (the scheduler installs no hooks of its own over them) and loss and gradients are unchanged."""
+    model, ids = tiny_model(num_layers=4)
+    plain_loss, plain = grads_of(model, ids, "store")
+    model.set_policy("reverse")
+    sched = _plan_with_block_recomputes(model, ids)
+    packed = []
+
+    def pack(t):
+        packed.append(t.numel())
+        return t
+
+    caller = (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if hooks == "counting"
+              else torch.autograd.graph.save_on_cpu())
+    if hooks == "save_on_cpu":  # count its pack calls too: wrap the hook save_on_cpu installs
+        inner_pack = caller.pack_hook
+        caller.pack_hook = lambda t: (pack(t), inner_pack(t))[1]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1234)
+    with caller:
+        with sched:
+            loss = model(ids).loss
+        loss.backward()
+    assert len(set(sched.plan.policies)) > 1, sched.plan.policies  # a mixed plan, not a trivial one
+    assert sum(n > 1 for n in packed) > 0  # the caller's hook saw the model's activations, not just a probe
+    assert "not measured" in sched.history[-1].measure and sched.history[-1].measured_bytes is None
+    assert sched.adjustments == []  # an unmeasured forward corrects nothing
+    assert torch.equal(loss.detach(), plain_loss) or abs(loss.item() - plain_loss.item()) <= TOL
+    assert_same_grads({n: p.grad for n, p in model.named_parameters()}, plain)
+    with sched:  # without the caller's hooks the scheduler measures again
+        model(ids).loss.backward()
+    assert sched.history[-1].measure == "saved-tensor bytes"
+    assert sched.history[-1].measured_bytes == sched.history[-1].predicted_bytes
+
+
+def test_schedulers_never_patch_a_block(tiny_model):
+    """Block recomputes are the engine's: the scheduler sets the plan as the model's policies and leaves every
+    block's forward alone."""
+    model, ids = tiny_model(num_layers=3)
+    seen = []
+    model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(list(model.policies)))
+    plan = ["recompute_attention", "recompute_ffn", "store"]
+    ls = LayerScheduler()
+    for i, p in enumerate(plan):
+        ls.set_policy(layers=[i], policy=p)
+    model.set_scheduler(ls)
+    try:
+        model(ids).loss.backward()
+    finally:
+        model.set_scheduler(None)
+    assert seen == [plan]
+    assert all("forward" not in layer.attn.block.__dict__ and "forward" not in layer.ffn.block.__dict__
+               for layer in model.layers)
