@@ -35,6 +35,7 @@ BY_NAME = {p.name: p for p in TABLE}
 NAMES = tuple(BY_NAME)  # most memory first
 DEFAULT = "reverse"
 RECOMPUTING = tuple(p.name for p in TABLE if p.recomputes)
+WHOLE_LAYER = tuple(p.name for p in TABLE if p.recomputes in ("", "layer"))  # no block recomputed alone
 
 # The planner's menus, least recompute first: each granularity adds finer options to the one before.
 GRANULARITIES = {

@@ -151,9 +151,9 @@ class ReversibleTransformerJAX:
         traced (e.g. ``jax.jit(model.loss)``) keep the policy they were traced with."""
         policies = policy_table.check_all(policy, self.config.num_layers)
         for p in policies:
-            if policy_table.BY_NAME[p].recomputes in ("attention", "ffn"):  # block-level remat: not built in JAX yet
+            if p not in policy_table.WHOLE_LAYER:  # block-level remat: not built in JAX yet
                 raise ConfigError(f"policy={p!r} is not built in the JAX backend yet; JAX takes "
-                                  f"{[q.name for q in policy_table.TABLE if q.recomputes in ('', 'layer')]}")
+                                  f"{list(policy_table.WHOLE_LAYER)}")
         self.policies = policies
         self._jitted.clear()
 

@@ -22,8 +22,7 @@ from .model import ModelOutput, init_weights
 from .loss import lm_loss, shift_targets
 
 # A plain GPT's memory modes: the table's policies it can run (no inverse, no block recompute), and offload.
-MEMORY_MODES = tuple(p.name for p in policy_table.TABLE if not p.needs_inverse and p.recomputes in ("", "layer")) \
-    + ("offload",)
+MEMORY_MODES = tuple(p for p in policy_table.WHOLE_LAYER if not policy_table.BY_NAME[p].needs_inverse) + ("offload",)
 
 
 class PlainLayer(nn.Module):

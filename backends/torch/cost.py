@@ -1381,7 +1381,7 @@ class CostModel:
             "autocast_cache": self.autocast_cache_bytes(),
             "peak": sim.peak,
         }
-        for p in (q.name for q in policy_table.TABLE if q.recomputes in ("", "layer")):  # the whole-layer ones
+        for p in policy_table.WHOLE_LAYER:
             out[f"layer_saved_{p}"] = self.layer_saved_bytes(p)
             out[f"layer_transient_{p}"] = self.layer_transient_bytes(p)
         return out

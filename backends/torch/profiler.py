@@ -116,15 +116,12 @@ class MemoryProfile:
         return "\n".join(rows)
 
 
-# The policies a profile measures by default: the whole-layer ones (no block recompute); the cost model derives a
-# block recompute's time from them (``CalibratedCost.step_time``).
-WHOLE_LAYER = tuple(p.name for p in policy_table.TABLE if p.recomputes in ("", "layer"))
 
 
 class MemoryProfiler:
     """Per-layer measured memory and time of ``model`` (a ReversibleTransformer) on a sample batch."""
 
-    def __init__(self, model, policies: Sequence[str] = WHOLE_LAYER, repeats: int = 1,
+    def __init__(self, model, policies: Sequence[str] = policy_table.WHOLE_LAYER, repeats: int = 1,
                  warmup: int = 1):
         for attr in ("layers", "streams", "config"):
             if not hasattr(model, attr):
