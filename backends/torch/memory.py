@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import platform
 from typing import Iterable
 
 import torch
@@ -40,6 +42,21 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()):
     result["count"] = len(seen)
 
 
+def saved_tensor_hooks_active() -> bool:
+    """Whether the caller has saved-tensor hooks installed (``torch.autograd.graph.saved_tensors_hooks``,
+    ``save_on_cpu``, ...). Hooks of our own would replace theirs, not nest. Asked through public autograd:
+    a saved tensor already packed by default hooks refuses ``register_hooks``; the probe saves one 1-element
+    tensor, which the caller's pack hook sees once."""
+    probe = torch.zeros(1, requires_grad=True)
+    with torch.enable_grad():
+        out = probe.exp()  # saves its result
+    try:
+        out.grad_fn._raw_saved_result.register_hooks(lambda t: t, lambda t: t)
+    except RuntimeError:
+        return True
+    return False
+
+
 def live_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> int:
     """Bytes of distinct storages of every tensor the garbage collector can reach, minus ``exclude``."""
     gc.collect()
@@ -57,9 +74,6 @@ def live_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> int:
 
 def describe_devices() -> str:
     """One line for ``revnet info``: the GPUs torch sees, else the CPU."""
-    import os
-    import platform
-
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return f"CUDA: {', '.join(names)}"

@@ -36,7 +36,7 @@ from .cost import CostModel
 from revnet_core.couplings import BaseCoupling
 from revnet_core.planner import GRANULARITIES, STRATEGIES, Plan, plan_layers
 
-from .memory import saved_tensor_bytes
+from .memory import saved_tensor_bytes, saved_tensor_hooks_active
 
 HEADROOM = 0.05  # of the device left free: the caching allocator reserves more than it hands out
 TOLERANCE = 0.02  # measured/predicted disagreement that triggers a re-plan
@@ -136,21 +136,6 @@ class CalibratedCost:
                     (self.cm.layer_time("reverse") - self.cm.layer_time("store"))
                 total += sec["store"] + extra * (sec.get("reverse", sec["store"]) - sec["store"])
         return total
-
-
-def saved_tensor_hooks_active() -> bool:
-    """Whether the caller has saved-tensor hooks installed (``torch.autograd.graph.saved_tensors_hooks``,
-    ``save_on_cpu``, ...). Hooks of our own would replace theirs, not nest. Asked through public autograd:
-    a saved tensor already packed by default hooks refuses ``register_hooks``; the probe saves one 1-element
-    tensor, which the caller's pack hook sees once."""
-    probe = torch.zeros(1, requires_grad=True)
-    with torch.enable_grad():
-        out = probe.exp()  # saves its result
-    try:
-        out.grad_fn._raw_saved_result.register_hooks(lambda t: t, lambda t: t)
-    except RuntimeError:
-        return True
-    return False
 
 
 @dataclass
