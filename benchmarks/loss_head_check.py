@@ -20,8 +20,7 @@ from seed_step import SEED
 
 def loss_and_grads(kernel: str, seq: int, layers: int):
     torch.manual_seed(0)
-    cfg = revnet_core.ModelConfig(**{**SEED, "num_layers": layers, "max_seq_len": seq, "loss_kernel": kernel})
-    model = revnet_core.build("torch", config=cfg).cuda()
+    model = revnet_core.build("torch", **SEED, num_layers=layers, max_seq_len=seq, loss_kernel=kernel).cuda()
     ids = torch.randint(0, SEED["vocab_size"], (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(ids).loss

@@ -1,7 +1,9 @@
 """How well the reverse pass rebuilds the streams, per depth: run N layers forward, invert them all, compare.
 
-fp32 streams, blocks under bf16 autocast (the training setting) or plain fp32. The recompute is
-bit-identical to the forward, so what remains is fp32 rounding of the streams themselves.
+fp32 streams, blocks under bf16 autocast (the training setting) or plain fp32, through ``layer.inverse``
+(float streams: not the engine's exact streams). Init-scale weights scaled by ``--trained-scale`` in the
+projections only; the error grows with depth, fast with trained-like weights:
+``benchmarks/reconstruction_drift.py`` measures that, and the gradients, per depth (docs/numerics.md).
 
     python benchmarks/reconstruction_error.py --depths 24,96 --seq 4096 --out recon.json
 """

@@ -25,11 +25,35 @@ METHODS = ("plain", "checkpoint", "offload", "reversible")
 def build(method: str, seq: int, layers: int, extra: dict):
     import revnet_core
     from revnet_torch.baselines import PlainGPT
+    from revnet_torch.options import config_of
 
-    cfg = revnet_core.ModelConfig(**{**SEED, "num_layers": layers, "max_seq_len": seq, **extra})
+    cfg = config_of({**SEED, "num_layers": layers, "max_seq_len": seq, **extra})  # torch options allowed
     if method == "reversible":
         return revnet_core.build("torch", config=cfg)
     return PlainGPT(cfg, memory={"plain": "store", "checkpoint": "checkpoint", "offload": "offload"}[method])
+
+
+def timed_steps(model, ids, opt, steps: int) -> tuple[list[float], list[float]]:
+    """1 + ``steps`` bf16-autocast training steps on CUDA: (times of steps 2.., every loss); the peak-memory
+    statistics are reset after the first step (AdamW's state exists from then on)."""
+    import torch
+
+    times, losses = [], []
+    for step in range(1 + steps):
+        if step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= 1:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    return times, losses
 
 
 def run_cell(method: str, seq: int, layers: int, steps: int, extra: dict) -> dict:
@@ -46,22 +70,8 @@ def run_cell(method: str, seq: int, layers: int, steps: int, extra: dict) -> dic
                 block.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, SEED["vocab_size"], (1, seq), device=dev)
-    times, losses = [], []
     try:
-        for step in range(1 + steps):
-            if step == 1:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            if step >= 1:
-                times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
+        times, losses = timed_steps(model, ids, opt, steps)
     except torch.OutOfMemoryError:
         return {"oom": True}
     host = None

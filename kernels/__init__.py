@@ -1,8 +1,8 @@
 """revnet_kernels: device kernels beside their plain PyTorch references (installed from ``kernels/``).
 
 Public functions validate their inputs, then ask the registry (``revnet_kernels.registry``) which
-implementation serves this device, dtype and shape: Triton on CUDA/ROCm, the reference elsewhere.
-``REVNET_KERNELS=reference`` or ``impl="reference"`` forces the reference.
+implementation serves this device, dtype and shape (``plugin`` ranks them: Triton, PyTorch's own ops, the
+plain references). ``REVNET_KERNELS=reference`` or ``impl="reference"`` forces the reference.
 
 Exports load on first access: importing this package imports neither torch nor triton.
 """

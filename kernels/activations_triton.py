@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from . import registry
-from .activations import GATED, check_activation_inputs, reference_activation
+from .activations import GATED, TRITON_KINDS, check_activation_inputs, reference_activation
 from .utils import cdiv, interpreting
 
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -90,6 +90,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_args(u, kind, blocks):
+    if kind not in TRITON_KINDS:  # the kernels know GELU-tanh and SiLU only: anything else would run SiLU
+        raise ValueError(f"{kind=} has no Triton kernel; those are {TRITON_KINDS}")
     blocks = blocks or ActivationBlocks.get_default()
     gated = kind in GATED
     width = u.shape[-1] // 2 if gated else u.shape[-1]

@@ -75,30 +75,41 @@ def visible_mask(seq_len: int, causal: bool, window: int | None, device=None):
     return mask
 
 
-def reference_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None):
+def reference_attention(q, k, v, causal: bool = True, window: int | None = None, scale: float | None = None, *,
+                        dropout_p: float = 0.0, return_lse: bool = True):
     """The ground truth: (o, lse) by plain matmuls in at least fp32, materialising the (T, T) scores.
 
-    o = softmax(scale * q k^T + mask) v in q's dtype; lse = logsumexp(scale * q k^T + mask) in fp32 (fp64
-    for fp64 inputs). Differentiable by autograd.
+    o = dropout(softmax(scale * q k^T + mask)) v in q's dtype; lse = logsumexp(scale * q k^T + mask) (B, H, T)
+    in fp32 (fp64 for fp64 inputs), of the scores before dropout. ``dropout_p`` > 0 drops probabilities
+    with F.dropout (the global RNG; the caller decides whether it is training). With ``return_lse=False``
+    only o is returned and no log-sum-exp is computed (nor its input kept for the backward). Differentiable
+    by autograd; autocast is off inside, so the math is the same with or without it.
     """
     import torch
+    import torch.nn.functional as F
 
     groups = q.shape[1] // k.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
-    kf = k.to(acc).repeat_interleave(groups, dim=1)  # (B, H, T, D)
-    vf = v.to(acc).repeat_interleave(groups, dim=1)
-    scores = (q.to(acc) @ kf.transpose(-1, -2)) * scale  # (B, H, T, T)
-    scores = scores.masked_fill(~visible_mask(q.shape[2], causal, window, q.device), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, T)
-    probs = torch.exp(scores - lse[..., None])
-    return (probs @ vf).to(q.dtype), lse
+    with torch.autocast(q.device.type, enabled=False):
+        kf, vf = k.to(acc), v.to(acc)
+        if groups > 1:
+            kf, vf = kf.repeat_interleave(groups, dim=1), vf.repeat_interleave(groups, dim=1)  # (B, H, T, D)
+        # scaled and masked in place: the matmul's backward needs its inputs, not its output
+        scores = (q.to(acc) @ kf.transpose(-1, -2)).mul_(scale)  # (B, H, T, T)
+        scores.masked_fill_(~visible_mask(q.shape[2], causal, window, q.device), float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1) if return_lse else None  # (B, H, T)
+        probs = scores.softmax(-1)
+        del scores  # only softmax's output is kept (and logsumexp's input, when it ran)
+        if dropout_p:
+            probs = F.dropout(probs, dropout_p)
+        o = (probs @ vf).to(q.dtype)
+    return (o, lse) if return_lse else o
 
 
 def reference_impl(q, k, v, *, causal=True, window=None, scale=None, return_lse=False):
     """Registry entry for the reference."""
-    o, lse = reference_attention(q, k, v, causal, window, scale)
-    return (o, lse) if return_lse else o
+    return reference_attention(q, k, v, causal, window, scale, return_lse=return_lse)
 
 
 def sdpa_impl(q, k, v, *, causal=True, window=None, scale=None, return_lse=False):

@@ -545,7 +545,7 @@ class FlashAttention(torch.autograd.Function):
                 raise
             with torch.enable_grad():
                 inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-                ref, _ = reference_attention(*inputs, causal, window, scale)
+                ref = reference_attention(*inputs, causal, window, scale, return_lse=False)
                 dq, dk, dv = torch.autograd.grad(ref, inputs, do)
         return dq, dk, dv, None, None, None, None
 

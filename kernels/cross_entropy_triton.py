@@ -4,7 +4,8 @@ dh and dW. The buffer is (chunk, V) in the compute dtype; nothing else is vocabu
 weight is zero-padded to a multiple of 64 rows when it is not one (cuBLAS is 5-6x slower on V = 50257).
 
 Layers: the private ``@triton.jit`` kernel; the host ``linear_cross_entropy_forward`` (loss and gradients);
-the shared autograd Function in ``cross_entropy``; the functional ``triton_linear_cross_entropy``.
+the shared autograd Function in ``cross_entropy`` (through ``apply_linear_ce``); the functional
+``triton_linear_cross_entropy``.
 Reference: ``cross_entropy.reference_linear_cross_entropy``.
 """
 
@@ -16,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy import IGNORE_INDEX, fused_layout, linear_ce_function
+from .cross_entropy import IGNORE_INDEX, apply_linear_ce, fused_layout
 from .utils import compute_dtype, interpreting, next_power_of_2
 
 
@@ -132,7 +133,7 @@ def _forward_fn(h, w, targets, ignore_index, chunk_size, need_dh, need_dw):
 def triton_linear_cross_entropy(hidden, weight, targets, ignore_index: int = IGNORE_INDEX,
                                 chunk_size: int | None = None):
     """Differentiable mean cross-entropy: hidden (N, d), weight (V, d), targets (N,) int64 -> scalar fp32."""
-    return linear_ce_function().apply(hidden, weight, targets.long(), ignore_index, chunk_size, _forward_fn)
+    return apply_linear_ce(hidden, weight, targets.long(), ignore_index, chunk_size, _forward_fn)
 
 
 def triton_impl(hidden, weight, targets, *, ignore_index=IGNORE_INDEX, chunk_size=None):

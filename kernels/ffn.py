@@ -3,7 +3,7 @@
 The activation's input (rows, W) and output (rows, F) exist for one chunk of rows at a time, in the
 forward and in the backward (which recomputes them from x: the same matmul on the same chunk, so the
 same values). Only x and the weights are saved. Matmuls run in the compute dtype (autocast's when it is on,
-as ``nn.Linear`` would); the activation goes through the registry (Triton on GPUs). Weight gradients
+as ``nn.Linear`` would); the activation goes through the registry (its choice per device). Weight gradients
 accumulate in fp32 across chunks.
 """
 
@@ -12,15 +12,7 @@ from __future__ import annotations
 import torch
 
 from .activations import GATED, KINDS, activation
-from .utils import compute_dtype
-
-
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b without an fp32 copy of the product when a, b are fp32 already."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    else:
-        acc.add_(a @ b)
+from .utils import add_matmul, compute_dtype
 
 
 class _ChunkedFFN(torch.autograd.Function):
@@ -54,10 +46,10 @@ class _ChunkedFFN(torch.autograd.Function):
                 with torch.enable_grad():
                     h = (xc @ wu.T).requires_grad_()  # recomputed, as in the forward
                     a = activation(h, ctx.kind, impl=ctx.impl)  # (n, F)
-                _accumulate(dwd, dyc.T, a.detach())
+                add_matmul(dwd, dyc.T, a.detach())
                 (dh,) = torch.autograd.grad(a, h, dyc @ wd)
                 dx[s:s + n] = dh @ wu
-                _accumulate(dwu, dh.T, xc)
+                add_matmul(dwu, dh.T, xc)
         return dx.view(x.shape), dwu.to(w_up.dtype), dwd.to(w_down.dtype), None, None, None
 
 

@@ -6,7 +6,10 @@ the statistics are computed in fp32 (fp64 for fp64 inputs).
     LayerNorm: y = (x - mean) * rstd * w + b,  rstd = 1 / sqrt(mean((x - mean)^2) + eps)
     RMSNorm:   y = x * rstd * w,               rstd = 1 / sqrt(mean(x^2) + eps)
 
-The Triton kernels are in ``norms_triton``; this module imports no triton.
+Implementations: ``torch`` (``torch_layer_norm`` / ``torch_rms_norm``: F.layer_norm / F.rms_norm, the very
+calls nn.LayerNorm / nn.RMSNorm make, so a block switched to the registry computes the same bits; autocast's
+rules for those ops apply), ``triton`` (``norms_triton``), ``reference`` (plain ops below). This module
+imports no triton.
 """
 
 from __future__ import annotations
@@ -43,6 +46,20 @@ def rms_norm(x, weight, eps: float = 1e-5, *, impl: str | None = None):
     check_norm_inputs(x, weight)
     return dispatch("rms_norm", (x, weight, eps), {}, device=x.device, dtype=x.dtype,
                     meta={"hidden": x.shape[-1]}, impl=impl)
+
+
+def torch_layer_norm(x, weight, bias=None, eps: float = 1e-5):
+    """F.layer_norm over the last dim, as nn.LayerNorm calls it: x (..., N), weight, bias (N,) -> (..., N)."""
+    import torch.nn.functional as F
+
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_rms_norm(x, weight, eps: float = 1e-5):
+    """F.rms_norm over the last dim, as nn.RMSNorm calls it: x (..., N), weight (N,) -> (..., N)."""
+    import torch.nn.functional as F
+
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def reference_layer_norm(x, weight, bias=None, eps: float = 1e-5):

@@ -3,7 +3,8 @@
 Priorities (highest accepted wins) follow the H100 measurements in docs/benchmarks/kernels.md: for plain
 causal attention torch's SDPA (cuDNN backend first) beat our Triton kernel at every length and head dim
 (forward+backward 430-560 TFLOP/s against 270-370), so ``sdpa`` outranks ``triton`` wherever it applies;
-the Triton kernel serves what SDPA cannot: sliding windows and the log-sum-exp output.
+the Triton kernel serves what SDPA cannot: sliding windows and the log-sum-exp output. Norms and
+activations: see the comment above their records.
 Importing this module imports neither torch nor triton.
 """
 
@@ -30,6 +31,22 @@ def _norm_shapes(meta) -> bool:
     return meta.get("hidden", 0) <= MAX_HIDDEN
 
 
+def _triton_activation_kinds(meta) -> bool:
+    from .activations import TRITON_KINDS
+
+    return meta.get("kind") in TRITON_KINDS
+
+
+def _triton_activation_rank(meta) -> int:
+    """Above the torch ops for the gated kinds, below them otherwise. Forward+backward on an H200, bf16
+    (benchmarks/norm_act_bench.py, docs/benchmarks/kernels/norm_act_h200.json): GeGLU/SwiGLU 3.8 -> 1.0 ms
+    at 65,536 rows of 8,192 and 17.8 -> 4.1 ms at 262,144 rows, with 40% less memory (it saves only u);
+    GELU level with the torch op, so the torch op keeps the plain kinds."""
+    from .activations import GATED
+
+    return 40 if meta.get("kind") in GATED else 20
+
+
 BUILTIN_KERNELS = (
     KernelImpl("attention", "triton", "revnet_kernels.attn_triton:triton_impl", GPU, TRITON_DTYPES,
                _flash_shapes, priority=20, requires=("triton",),
@@ -38,14 +55,26 @@ BUILTIN_KERNELS = (
                description="torch scaled_dot_product_attention (no window, no lse)"),
     KernelImpl("attention", "reference", "revnet_kernels.attn:reference_impl", is_reference=True,
                description="plain matmuls, (T, T) scores"),
+    # Norms and activations: "torch" is the eager ops the blocks ran before they called the registry (so on
+    # CPU nothing changed, bit for bit). Measured on an H200 (benchmarks/norm_act_bench.py, forward+backward,
+    # bf16, docs/benchmarks/kernels/norm_act_h200.json): torch's norms win at 65,536 rows (0.57 vs 0.95 ms)
+    # and lose at 262,144 (1.45 vs 0.93 ms); the crossover is not located, so torch keeps them. Triton's
+    # gated activations win at both sizes (ranked by _triton_activation_rank).
+    KernelImpl("layer_norm", "torch", "revnet_kernels.norms:torch_layer_norm", priority=30,
+               description="F.layer_norm, as nn.LayerNorm calls it"),
     KernelImpl("layer_norm", "triton", "revnet_kernels.norms_triton:triton_layer_norm", GPU, TRITON_DTYPES,
                _norm_shapes, priority=20, requires=("triton",)),
     KernelImpl("layer_norm", "reference", "revnet_kernels.norms:reference_layer_norm", is_reference=True),
+    KernelImpl("rms_norm", "torch", "revnet_kernels.norms:torch_rms_norm", priority=30,
+               description="F.rms_norm, as nn.RMSNorm calls it"),
     KernelImpl("rms_norm", "triton", "revnet_kernels.norms_triton:triton_rms_norm", GPU, TRITON_DTYPES,
                _norm_shapes, priority=20, requires=("triton",)),
     KernelImpl("rms_norm", "reference", "revnet_kernels.norms:reference_rms_norm", is_reference=True),
+    KernelImpl("activation", "torch", "revnet_kernels.activations:torch_activation", priority=30,
+               description="the torch blocks' eager ops, every kind"),
     KernelImpl("activation", "triton", "revnet_kernels.activations_triton:triton_activation", GPU, TRITON_DTYPES,
-               priority=20, requires=("triton",)),
+               _triton_activation_kinds, priority=20, ranked=_triton_activation_rank, requires=("triton",),
+               description="GELU-tanh, SiLU, GeGLU, SwiGLU fused with the gate"),
     KernelImpl("activation", "reference", "revnet_kernels.activations:reference_activation", is_reference=True),
     KernelImpl("linear_cross_entropy", "triton", "revnet_kernels.cross_entropy_triton:triton_impl", GPU,
                TRITON_DTYPES, priority=20, requires=("triton",),

@@ -48,6 +48,8 @@ class KernelImpl:
     dtypes: frozenset[str] = frozenset({ANY})
     supports: Callable[[Mapping[str, Any]], bool] | None = None
     priority: int = 0  # highest wins among those that accept the call
+    # A priority that depends on the call's shape facts, for measured crossovers (None: ``priority``).
+    ranked: Callable[[Mapping[str, Any]], int] | None = None
     requires: tuple[str, ...] = ()
     is_reference: bool = False  # the ground truth: nothing to fall back to
     description: str = ""
@@ -95,23 +97,47 @@ def _module_available(name: str) -> bool:
 class _Table:
     records: list[KernelImpl] = field(default_factory=list)
     plugins: dict[str, str] = field(default_factory=dict)  # record name -> plugin that registered it
+    by_op: dict[str | None, list[KernelImpl]] = field(default_factory=dict)  # implementations(), memoised
+    # select()'s answers by (op, device kind, dtype, forced name, meta items): blocks call an op per layer
+    # per step, and a cold selection (scan, predicates, import checks) costs about 13 us. Cleared when a
+    # kernel failure is recorded or forgotten; a new plugin registry builds a new table.
+    selected: dict[tuple, KernelImpl] = field(default_factory=dict)
+    source: Any = None  # the revnet_core Registry this table was built from
+
+
+_current: _Table | None = None
+_plugin_registry: Callable[[], Any] | None = None  # revnet_core.registry.registry, imported on first use
 
 
 def _table() -> _Table:
-    from revnet_core.registry import registry  # the shared plugin registry (pluggy only, no framework)
+    global _current, _plugin_registry
+    if _plugin_registry is None:
+        from revnet_core.registry import registry  # the shared plugin registry (pluggy only, no framework)
 
-    table = _Table()
-    for entry in registry().kernels:
-        if isinstance(entry.obj, KernelImpl):
-            table.records.append(entry.obj)
-            table.plugins[entry.obj.name] = entry.plugin
-    return table
+        _plugin_registry = registry
+    reg = _plugin_registry()
+    if _current is None or _current.source is not reg:  # reset() (plugins changed) makes a new Registry
+        table = _Table(source=reg)
+        for entry in reg.kernels:
+            if isinstance(entry.obj, KernelImpl):
+                table.records.append(entry.obj)
+                table.plugins[entry.obj.name] = entry.plugin
+        _current = table
+    return _current
+
+
+def _forget_selections() -> None:
+    if _current is not None:
+        _current.selected.clear()
 
 
 def implementations(op: str | None = None) -> list[KernelImpl]:
     """Every registered record (of ``op``), highest priority first."""
-    recs = [r for r in _table().records if op is None or r.op == op]
-    return sorted(recs, key=lambda r: -r.priority)
+    table = _table()
+    if op not in table.by_op:
+        recs = [r for r in table.records if op is None or r.op == op]
+        table.by_op[op] = sorted(recs, key=lambda r: -r.priority)
+    return list(table.by_op[op])
 
 
 def operations() -> list[str]:
@@ -161,15 +187,34 @@ def select(op: str, device: Any, dtype: Any, meta: Mapping[str, Any] | None = No
     """The implementation of ``op`` for this device, dtype and shape facts.
 
     ``impl`` (or ``REVNET_KERNELS``) forces one by name; otherwise the highest-priority record that accepts
-    the call and has not failed on this device kind.
+    the call and has not failed on this device kind. Answers are cached per (op, device kind, dtype, forced
+    name, meta), so a record's ``supports`` must depend on ``meta`` alone.
     """
+    return _cached_select(op, device_kind(device), dtype_name(dtype), meta, impl or forced_impl(op))
+
+
+def _cached_select(op: str, kind: str, dname: str, meta: Mapping[str, Any] | None, forced: str | None
+                   ) -> KernelImpl:
+    table = _table()
+    try:
+        key = (op, kind, dname, forced, tuple(meta.items()) if meta else ())
+        hit = table.selected.get(key)
+    except TypeError:  # an unhashable fact: select without the cache
+        key, hit = None, None
+    if hit is not None:
+        return hit
+    rec = _select(op, kind, dname, dict(meta or {}), forced)
+    if key is not None:
+        table.selected[key] = rec
+    return rec
+
+
+def _select(op: str, kind: str, dname: str, meta: dict[str, Any], forced: str | None) -> KernelImpl:
     from revnet_core.errors import UnknownNameError
 
-    kind, dname, meta = device_kind(device), dtype_name(dtype), dict(meta or {})
     records = implementations(op)
     if not records:
         raise UnknownNameError(f"unknown kernel operation {op!r}; registered: {', '.join(operations()) or 'none'}")
-    forced = impl or forced_impl(op)
     if forced is not None:
         for rec in records:
             if rec.impl == forced:
@@ -178,6 +223,8 @@ def select(op: str, device: Any, dtype: Any, meta: Mapping[str, Any] | None = No
                 return rec
         names = ", ".join(r.impl for r in records)
         raise UnknownNameError(f"unknown {op} implementation {forced!r}; registered: {names}")
+    if any(r.ranked is not None for r in records):  # stable: ties keep the registered order
+        records = sorted(records, key=lambda r: -(r.ranked(meta) if r.ranked is not None else r.priority))
     for rec in records:
         if (op, rec.impl, kind) in _failed or not rec.importable():
             continue
@@ -193,8 +240,9 @@ def dispatch(op: str, args: tuple, kwargs: Mapping[str, Any], *, device: Any, dt
     Inputs must be validated before this is called: every exception raised here is taken to be the
     kernel's (a compile error, out of shared memory, a launch failure), except out-of-memory errors.
     """
-    forced = impl is not None or forced_impl(op) is not None
-    rec = select(op, device, dtype, meta, impl)
+    name = impl or forced_impl(op)
+    forced = name is not None
+    rec = _cached_select(op, device_kind(device), dtype_name(dtype), meta, name)
     while True:
         token = _auto_selected.set(None if forced else rec)
         try:
@@ -203,6 +251,7 @@ def dispatch(op: str, args: tuple, kwargs: Mapping[str, Any], *, device: Any, dt
             if forced or rec.is_reference or type(exc).__name__ == "OutOfMemoryError":
                 raise
             _failed[(op, rec.impl, device_kind(device))] = f"{type(exc).__name__}: {exc}"
+            _forget_selections()
             try:
                 nxt = select(op, device, dtype, meta)
             except ValueError:
@@ -237,6 +286,7 @@ def backward_failed(rec: KernelImpl | None, device: Any, exc: BaseException) -> 
     key = (rec.op, rec.impl, device_kind(device))
     if key not in _failed:
         _failed[key] = f"{type(exc).__name__}: {exc}"
+        _forget_selections()
         warnings.warn(
             f"revnet_kernels: {rec.op} backward kernel {rec.impl!r} failed on {device_kind(device)} "
             f"({type(exc).__name__}: {str(exc)[:300]}); gradients recomputed with the reference, and "
@@ -255,6 +305,7 @@ def failures() -> dict[tuple[str, str, str], str]:
 def reset_failures() -> None:
     """Forget failures (tests; or after fixing the environment in a long-lived process)."""
     _failed.clear()
+    _forget_selections()
 
 
 # Shape facts of the seed model (head dim 64, d_model 1024, vocab 50257) for describe().

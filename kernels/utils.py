@@ -49,6 +49,15 @@ def compute_dtype(x: Any) -> Any:
     return x.dtype
 
 
+def add_matmul(acc: Any, a: Any, b: Any) -> None:
+    """acc += a @ b in acc's dtype (a weight gradient summed over chunks): fused into the matmul when a, b
+    share acc's dtype, so no (rows, cols) product temporary exists; otherwise the product in a's dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    else:
+        acc.add_(a @ b)
+
+
 def dot_precision(dtype: Any) -> str:
     """Input precision for ``tl.dot``: always IEEE. For fp32 operands Triton's default on NVIDIA GPUs is TF32
     (about 3e-4 relative error); for fp16/bf16 operands the setting changes nothing, and "ieee" is accepted

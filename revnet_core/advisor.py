@@ -207,12 +207,11 @@ class OptimizationAdvisor:
             recs.append(Recommendation(
                 "precision", "run the forward under torch.autocast(dtype=torch.bfloat16) (the streams stay fp32)",
                 f"{effect}, and bf16 tensor-core matmuls", None, saved))
-        if cfg.attention == "reference" or not cfg.use_flash_attention:
-            fused = self.cost_model(cfg.replace(attention="sdpa", use_flash_attention=True), cm.workload)
-            saved = cm.peak_bytes(list(base)) - fused.peak_bytes(list(base))
-            recs.append(Recommendation(
-                "attention", "use the fused attention kernels (attention='sdpa', use_flash_attention=True): no "
-                "(T, T) score matrix is stored", f"{format_bytes(saved)} less at the peak", None, saved))
+        # The backend's kernel options are its own: its cost model names a better choice, if any.
+        for category, suggestion, better in getattr(cm, "kernel_alternatives", lambda: [])():
+            saved = cm.peak_bytes(list(base)) - self.cost_model(better, cm.workload).peak_bytes(list(base))
+            recs.append(Recommendation(category, suggestion, f"{format_bytes(saved)} less at the peak", None,
+                                       saved))  # None: a built model's kernels are chosen; the user rebuilds
         recs += self._batch(cfg)
         self.recommendations = recs
         return recs

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ModelConfig
-from .registry import get_backend, get_coupling
+from .config import ModelConfig, model_fields
+from .registry import backend_record, get_coupling
 
 
 def build(backend: str = "torch", *, config: ModelConfig | None = None, weights: str | None = None, **fields: Any):
     """Build a reversible LM on ``backend`` ("torch", "jax", ... as installed).
 
-    Pass either ``config`` or config fields as keywords (``num_layers=24, d_model=1024, ...``). ``weights``
+    Pass either ``config`` or config fields as keywords (``num_layers=24, d_model=1024, ...``), the
+    backend's options among them (``use_flash_attention=False``: its ``backend_options`` section). ``weights``
     is a canonical safetensors file (any backend's ``save_weights``) to load. Unknown backends, couplings
     and fields raise errors that list the valid names.
     """
-    if config is None:
+    record = backend_record(backend)
+    if record.options is not None:
+        config = model_fields(config, fields, backend, record.load("options"))
+    elif config is None:
         config = ModelConfig.from_kwargs(**fields)
     elif fields:
         config = config.replace(**fields)
-    factory = get_backend(backend)
     resolve_coupling(config)  # fail early, before the framework is imported
-    return factory(config, weights=weights)
+    return record.build(config, weights=weights)
 
 
 def resolve_coupling(config: ModelConfig):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,9 +13,7 @@ from .errors import ConfigError
 ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "geglu", "swiglu")
 GATED_ACTIVATIONS = ("geglu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
-ATTENTIONS = ("sdpa", "reference")
 STREAM_DTYPES = ("float32", "float64", "bfloat16", "float16")
-LOSS_KERNELS = ("auto", "chunked", "fused")
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,6 @@ class ModelConfig:
     attention_dropout: float = 0.0
     coupling: str = "additive"  # a registered coupling name (built-ins: additive, affine; plugins add more)
     coupling_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"scale_init": 0.1} for affine
-    attention: str = "sdpa"  # sdpa: torch's fused kernels where they apply; reference: plain matmuls
-    use_flash_attention: bool = True  # False pins SDPA to its math kernel
     activation: str = "gelu"  # gelu is the tanh approximation in every backend; gelu_exact is erf
     norm: str = "layernorm"
     norm_eps: float = 1e-5
@@ -40,13 +37,13 @@ class ModelConfig:
     stream_dtype: str = "float32"  # the two residual streams; never below the parameters' dtype
     policy: str = policies.DEFAULT  # per-layer default: a name of revnet_core.policies
     loss_chunk_size: int = 1024  # tokens per chunk of the LM head: bounds the logits held at once
-    # LM head + loss: "fused" is revnet_kernels' linear cross-entropy (Triton on CUDA/ROCm, its own chunk size),
-    # "chunked" the backend's PyTorch head (loss_chunk_size rows), "auto" fused on CUDA/ROCm, chunked elsewhere
-    loss_kernel: str = "auto"
     ffn_chunk_size: int = 16384  # tokens per chunk of the FFN (0: whole sequence): bounds its 4x-wide intermediate
     attn_head_chunk: int = 0  # heads per attention chunk (0: from the length, ~2^20 token-heads per chunk)
     attention_window: int | None = None  # sliding-window attention: each token sees the last N (None: all)
     init_std: float = 0.02
+    # Kernel choices, which are not architecture: one section per backend, validated by that backend when it
+    # builds (revnet_torch.options, revnet_jax.options), e.g. {"torch": {"loss_kernel": "fused"}}.
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -65,7 +62,12 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+            from .registry import option_names  # only on the error path: it discovers the backends
+
+            owners = {n: b for b, names in option_names().items() for n in names if n in unknown}
+            hint = "".join(f"; {n} is an option of the {b} backend: backend_options={{{b!r}: {{{n!r}: ...}}}}"
+                           for n, b in sorted(owners.items()))
+            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}{hint}")
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -109,15 +111,47 @@ def validate(cfg: ModelConfig) -> None:
             raise ConfigError(f"{name}={p!r} must be a probability in [0, 1)")
     if not isinstance(cfg.coupling, str) or not cfg.coupling:
         raise ConfigError(f"coupling={cfg.coupling!r} must be a registered coupling name")
-    _choice(cfg, "attention", ATTENTIONS)
     _choice(cfg, "activation", ACTIVATIONS)
     _choice(cfg, "norm", NORMS)
     _choice(cfg, "stream_dtype", STREAM_DTYPES)
     policies.check(cfg.policy)
-    _choice(cfg, "loss_kernel", LOSS_KERNELS)
-    if not cfg.norm_eps > 0:
-        raise ConfigError(f"norm_eps={cfg.norm_eps!r} must be > 0")
-    if not cfg.rope_base > 1:
-        raise ConfigError(f"rope_base={cfg.rope_base!r} must be > 1")
-    if not cfg.init_std > 0:
-        raise ConfigError(f"init_std={cfg.init_std!r} must be > 0")
+    if not isinstance(cfg.backend_options, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in cfg.backend_options.items()):
+        raise ConfigError(f"backend_options={cfg.backend_options!r} must map backend names to dicts of options")
+    # Finite too: an inf init_std or rope_base passes "> 0" and gives NaN weights or angles.
+    for name, low in (("norm_eps", 0), ("rope_base", 1), ("init_std", 0)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < math.inf:
+            raise ConfigError(f"{name}={value!r} must be a finite number > {low}")
+
+
+def backend_section(cfg: ModelConfig, backend: str, options_cls: type) -> Any:
+    """``cfg.backend_options[backend]`` as an ``options_cls`` (a dataclass that validates itself); an unknown
+    name raises ConfigError listing the known ones."""
+    given = cfg.backend_options.get(backend, {})
+    known = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"unknown {backend} backend option(s) {unknown}; known: {sorted(known)}")
+    return options_cls(**given)
+
+
+def with_backend_options(cfg: ModelConfig, backend: str, options_cls: type, **changes: Any) -> ModelConfig:
+    """``cfg`` with its ``backend`` section updated by ``changes``, validated now by ``options_cls``."""
+    section = {**cfg.backend_options.get(backend, {}), **changes}
+    backend_section(cfg.replace(backend_options={backend: section}), backend, options_cls)
+    return cfg.replace(backend_options={**cfg.backend_options, backend: section})
+
+
+def model_fields(config: ModelConfig | None, fields: dict[str, Any], backend: str, options_cls: type) -> ModelConfig:
+    """The config a backend's model constructor means: ``config`` (or one from ``fields``) with ``fields``
+    applied, the names of ``options_cls`` going to the ``backend`` section (``Model(num_layers=4,
+    use_flash_attention=False)`` takes both kinds)."""
+    names = {f.name for f in dataclasses.fields(options_cls)}
+    arch = {k: v for k, v in fields.items() if k not in names}
+    if config is None:
+        config = ModelConfig.from_kwargs(**arch)
+    elif arch:
+        config = config.replace(**arch)
+    opts = {k: v for k, v in fields.items() if k in names}
+    return with_backend_options(config, backend, options_cls, **opts)

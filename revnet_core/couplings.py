@@ -18,6 +18,8 @@ from enum import Enum
 
 from array_api_compat import array_namespace
 
+from .errors import ConfigError
+
 
 # What a coupling may declare, and what the sweep then does for it.
 CAPABILITIES = {
@@ -85,8 +87,12 @@ class AffineCoupling(BaseCoupling):
     name = "affine"
 
     def __init__(self, split_dim: int = -1, scale_init: float = 0.1):
-        if not 0.0 < scale_init < 1.0:
-            raise ValueError(f"{scale_init=} must lie in (0, 1) so the scale stays bounded away from 0")
+        # ConfigError (a ValueError): users pass these as coupling_options, so the message names the option.
+        if isinstance(split_dim, bool) or not isinstance(split_dim, int):
+            raise ConfigError(f"affine coupling option {split_dim=} must be an integer axis")
+        if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)) or not 0.0 < scale_init < 1.0:
+            raise ConfigError(f"affine coupling option {scale_init=} must be a number in (0, 1) so the scale stays "
+                              "bounded away from 0")
         self.split_dim = split_dim
         self.scale_init = float(scale_init)
 

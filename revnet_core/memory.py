@@ -10,10 +10,6 @@ OPTIMIZERS = ("adamw", "sgd", "none")
 DEVICES = ("cuda", "cpu")
 GiB = 2**30
 
-# Tensor categories of a breakdown.
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "streams", "activations", "recompute",
-              "loss_head", "embedding", "autocast_cache", "outputs")
-
 
 @dataclass(frozen=True)
 class Workload:

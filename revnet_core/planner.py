@@ -97,7 +97,6 @@ class _Evaluator:
 def _ordered(menus: list[tuple[str, ...]], ev: _Evaluator) -> list[list[str]]:
     """Each layer's options ordered from least memory to most, dropping options that cost more memory and
     more time than another (never worth choosing)."""
-    L = len(menus)
     base = [m[-1] for m in menus]
     out = []
     for i, menu in enumerate(menus):
@@ -114,7 +113,6 @@ def _ordered(menus: list[tuple[str, ...]], ev: _Evaluator) -> list[list[str]]:
                 kept.append(o)
                 best_time = time
         out.append(kept)
-    del L
     return out
 
 
@@ -176,23 +174,14 @@ def _search(orders: list[list[str]], ev: _Evaluator, target: int) -> list[str]:
     if not uniform or m == 2 or math.comb(L + m - 1, m - 1) > MAX_ENUMERATED:
         return _greedy(orders, ev, target)
     best = None
-    for counts in _compositions(L, m):
-        # counts[j] layers at option j (least memory first): the cheapest options at the bottom
-        plan = [o for j, o in enumerate(orders[0]) for _ in range(counts[j])]
+    # A split as the layers' option indices, bottom first and non-decreasing (the cheapest options at the
+    # bottom); reversed, the splits with the most memory-hungry layers come first and win ties in time.
+    for levels in reversed(list(itertools.combinations_with_replacement(range(m), L))):
+        plan = [orders[0][j] for j in levels]
         peak, time = ev(plan)
         if peak <= target and (best is None or time < best[0]):
             best = (time, plan)
     return best[1] if best else [o[0] for o in orders]
-
-
-def _compositions(total: int, parts: int):
-    """All tuples of ``parts`` non-negative integers summing to ``total``."""
-    if parts == 1:
-        yield (total,)
-        return
-    for first in range(total + 1):
-        for rest in _compositions(total - first, parts - 1):
-            yield (first, *rest)
 
 
 def _greedy(orders: list[list[str]], ev: _Evaluator, target: int) -> list[str]:
@@ -252,22 +241,6 @@ def _greedy(orders: list[list[str]], ev: _Evaluator, target: int) -> list[str]:
     return plan(level)
 
 
-def plan_exhaustive(model: Priced, num_layers: int, budget: int, granularity: str = "layer",
-                    invertible: Sequence[bool] | None = None) -> tuple[str, ...] | None:
-    """The fastest plan under ``budget`` by trying every combination (small stacks only: tests)."""
-    invertible = list(invertible) if invertible is not None else [True] * num_layers
-    menus = [layer_options(granularity, invertible[i]) for i in range(num_layers)]
-    best = None
-    for combo in itertools.product(*menus):
-        peak = model.peak_bytes(list(combo))
-        if peak > budget:
-            continue
-        t = model.step_time(list(combo))
-        if best is None or t < best[0] - 1e-9 * abs(best[0]):
-            best = (t, combo)
-    return None if best is None else best[1]
-
-
 def frontier(model: Priced, num_layers: int, granularity: str = "layer",
              budgets: Iterable[int] | None = None, points: int = 12) -> list[Plan]:
     """Plans across budgets from the least-memory to the all-store peak: the predicted memory/time frontier."""
@@ -277,5 +250,3 @@ def frontier(model: Priced, num_layers: int, granularity: str = "layer",
         lo = least.peak_bytes
         budgets = [int(lo + (hi - lo) * k / (points - 1)) for k in range(points)]
     return [plan_layers(model, num_layers, b, granularity=granularity) for b in budgets]
-
-

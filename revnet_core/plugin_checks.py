@@ -7,7 +7,11 @@ numpy arrays (through ``array_api_compat``, the namespace couplings are written 
 - ``forward(x, fx)`` keeps the shape and dtype of ``x``, stays finite and leaves its inputs untouched (the
   engine reuses them in the backward);
 - ``inverse(forward(x, fx), fx)`` gives back ``x`` to ``INVERSE_TOL`` relative to ``max|x|``;
-- a ``vjp`` rule, where the coupling has one, agrees with central finite differences of ``forward``.
+- a ``vjp`` rule, where the coupling has one, agrees with central finite differences of ``forward``;
+- in float32 too, on several shapes: ``forward`` and ``inverse`` keep float32 and the inverse gives ``x``
+  back to ``FP32_INVERSE_TOL`` (a coupling exact in float64 but wrong in float32, e.g. one that rounds
+  through float16, would otherwise pass and give silently wrong gradients in training). Not bfloat16: numpy
+  has no such dtype (it comes from ml_dtypes, which the core does not depend on).
 
 numpy only, so discovering plugins imports no framework; a probe takes about a millisecond. Plugin
 authors can call ``check_coupling`` in their own tests, at a tighter tolerance if they like.
@@ -27,6 +31,8 @@ INVERSE_TOL = 1e-10  # fp64 leaves ~1e-16 per op; 1e-10 refuses any real inverse
 VJP_TOL = 1e-6  # central differences at eps=1e-6 carry ~1e-9 of rounding; a wrong rule is off by O(1)
 PROBE_SHAPE = (2, 3)  # leading (batch, seq) axes of the probe: rank 3 like the engine's (B, T, d) streams
 PROBE_WIDTH = 6  # d of the probe; even, and not a power of two
+FP32_INVERSE_TOL = 1e-5  # about 80 float32 ulps of max|x|; a float16 rounding anywhere is ~5e-4
+FP32_SHAPES = ((2, 3, 6), (1, 7, 8), (3, 1, 2))  # (batch, seq, d): d even (affine-like couplings split 2d)
 
 
 class PluginCheckError(RevNetError, ValueError):
@@ -67,6 +73,9 @@ def check_coupling(coupling: BaseCoupling, *, d: int = PROBE_WIDTH, seed: int = 
         raise PluginCheckError(f"inverse(forward(x, fx), fx) differs from x by {err:.3e} (max abs) in float64; "
                                f"the probe allows {inverse_tol:.0e} times max(1, max|x|)")
 
+    for shape in FP32_SHAPES:
+        _check_fp32_inverse(coupling, shape, rng)
+
     dy = xp.asarray(rng.standard_normal(x.shape))
     dy0 = dy.copy()
     grads = _step("vjp", coupling.vjp, x, fx, dy)
@@ -87,6 +96,19 @@ def check_coupling(coupling: BaseCoupling, *, d: int = PROBE_WIDTH, seed: int = 
                                        f"<{label}, u> = {exact:.6e}, numeric {numeric:.6e}")
 
 
+def _check_fp32_inverse(coupling: BaseCoupling, shape: tuple, rng) -> None:
+    """inverse(forward(x, fx), fx) == x to FP32_INVERSE_TOL on float32 x: ``shape``, fx: its fx_features."""
+    n_fx = int(coupling.fx_features(shape[-1]))
+    x = xp.asarray(rng.standard_normal(shape).astype(np.float32))
+    fx = xp.asarray(rng.standard_normal((*shape[:-1], n_fx)).astype(np.float32))
+    y = _array_result("forward in float32", _step("forward", coupling.forward, x, fx), shape, np.float32)
+    back = _array_result("inverse in float32", _step("inverse", coupling.inverse, y, fx), shape, np.float32)
+    err = float(np.max(np.abs(back.astype(np.float64) - x)))
+    if not err <= FP32_INVERSE_TOL * max(1.0, float(np.max(np.abs(x)))):
+        raise PluginCheckError(f"inverse(forward(x, fx), fx) differs from x by {err:.3e} (max abs) in float32 on "
+                               f"shape {shape}; the probe allows {FP32_INVERSE_TOL:.0e} times max(1, max|x|)")
+
+
 def _directional(coupling, x, fx, dy, u, along_x: bool, eps: float = 1e-6) -> float:
     """<dy, d forward / d(x or fx) . u> by central differences."""
     def f(t):
@@ -103,12 +125,12 @@ def _step(what: str, fn: Callable, *args):
         raise PluginCheckError(f"{what} raised {type(exc).__name__}: {exc}") from exc
 
 
-def _array_result(what: str, value, shape) -> np.ndarray:
+def _array_result(what: str, value, shape, dtype=np.float64) -> np.ndarray:
     arr = np.asarray(value)
     if arr.shape != tuple(shape):
         raise PluginCheckError(f"{what} returned shape {arr.shape}, expected {tuple(shape)}")
-    if arr.dtype != np.float64:
-        raise PluginCheckError(f"{what} returned dtype {arr.dtype} for float64 inputs; keep the input dtype")
+    if arr.dtype != dtype:
+        raise PluginCheckError(f"{what} returned dtype {arr.dtype} for {np.dtype(dtype)} inputs; keep the input dtype")
     if not np.all(np.isfinite(arr)):
         raise PluginCheckError(f"{what} returned non-finite values on a standard-normal probe")
     return arr

@@ -4,10 +4,16 @@ Nothing is imported at ``import revnet_core``: the first lookup loads the built-
 ``revnet_zero`` entry point. A plugin that fails to import, raises while registering, or registers a
 coupling that fails its load-time probe (``plugin_checks``) is reported by name with its reason in
 ``registry().failures`` (and one warning) and skipped; it never takes the others down.
+
+A name is never silently taken over: the built-ins (the ``revnet-zero`` distribution) register first, and
+a later backend or coupling of a taken name is refused and reported, unless the user allows that name
+(``REVNET_ALLOW_OVERRIDE=torch,additive``, or ``register_plugin(..., override=["torch"])``).
 """
 
 from __future__ import annotations
 
+import os
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -16,12 +22,13 @@ from typing import Any, Callable
 import pluggy
 
 from . import hookspecs
-from .errors import BackendFeatureError, UnknownNameError
+from .errors import BackendFeatureError, ConfigError, UnknownNameError
 from .plugin_checks import PluginCheckError, check_factory
 
 ENTRY_POINT_GROUP = "revnet_zero"
 DEFAULT_PLUGINS = ("revnet_core.builtin_couplings",)
 CORE_DISTRIBUTION = "revnet-zero"  # ships revnet_core, hence the DEFAULT_PLUGINS
+OVERRIDE_ENV = "REVNET_ALLOW_OVERRIDE"  # comma-separated names a later plugin may take over
 
 
 @dataclass(frozen=True)
@@ -32,9 +39,10 @@ class Entry:
     obj: Any
     plugin: str  # the plugin (entry point or module) that registered it
     distribution: str = ""  # "name version" of the installed distribution that ships it; "" if in-process
+    replaces: str = ""  # the plugin whose entry of this name it took over (an allowed override), else ""
 
 
-LOADERS = ("trainer", "bench", "cost", "scheduler", "memory")  # what a backend record may point to
+LOADERS = ("trainer", "bench", "cost", "scheduler", "memory", "options")  # what a backend record may point to
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class BackendRecord:
     cost: str | None = None  # class: cost(config, workload) with peak_bytes(plan), step_time(plan), ...
     scheduler: str | None = None  # module with the backend's memory scheduler
     memory: str | None = None  # module with describe_devices() -> str and device_total_bytes(model) -> int | None
+    options: str | None = None  # dataclass of its ModelConfig.backend_options section (importing no framework)
     bench_models: tuple[str, ...] = ()
 
     def require(self, part: str) -> str:
@@ -95,6 +104,13 @@ _manager: pluggy.PluginManager | None = None
 _registry: Registry | None = None
 _distributions: dict[str, str] = {}  # plugin name -> "distribution version"
 _load_failures: dict[str, str] = {}  # entry point name -> why it did not load
+_overrides: set[str] = set()  # names allowed to be taken over in-process (register_plugin(override=...))
+_plugin_overrides: dict[str, tuple[str, ...]] = {}  # plugin name -> the names its registration allowed
+
+
+def allowed_overrides() -> set[str]:
+    """Names a later registration may take over: ``REVNET_ALLOW_OVERRIDE`` plus in-process ones."""
+    return {n.strip() for n in os.environ.get(OVERRIDE_ENV, "").split(",") if n.strip()} | _overrides
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -130,8 +146,12 @@ def registry() -> Registry:
     if _registry is None:
         pm = plugin_manager()  # first: loading the entry points fills _load_failures
         reg = Registry(failures=dict(_load_failures))
-        for plugin_name, plugin in pm.list_name_plugin():
-            problems = _add_plugin(reg, plugin_name, plugin)
+        # Built-ins first (a stable sort keeps every other plugin in registration order): first come wins.
+        ordered = sorted(pm.list_name_plugin(),
+                         key=lambda np: _distributions.get(np[0], "").partition(" ")[0] != CORE_DISTRIBUTION)
+        allowed = allowed_overrides()
+        for plugin_name, plugin in ordered:
+            problems = _add_plugin(reg, plugin_name, plugin, allowed)
             if problems:
                 reason = "; ".join(problems)
                 reg.failures[plugin_name] = reason
@@ -143,11 +163,12 @@ def registry() -> Registry:
 _HOOKS = ("register_backends", "register_couplings", "register_kernels")
 
 
-def _add_plugin(reg: Registry, plugin_name: str, plugin: Any) -> list[str]:
+def _add_plugin(reg: Registry, plugin_name: str, plugin: Any, allowed: set[str] = frozenset()) -> list[str]:
     """Add one plugin's registrations to ``reg``; returns what was wrong (empty if nothing).
 
-    A hook that raises drops everything the plugin registered (half a plugin is worse than none); a coupling
-    that fails its probe or reuses a taken name is dropped alone, the plugin's other couplings kept.
+    A hook that raises drops everything the plugin registered (half a plugin is worse than none); a backend
+    or coupling that reuses a taken name (unless in ``allowed``), or a coupling that fails its probe, is
+    dropped alone, the plugin's other registrations kept.
     """
     dist = _distributions.get(plugin_name, "")
     staged: dict[str, list[Entry]] = {hook: [] for hook in _HOOKS}
@@ -172,20 +193,27 @@ def _add_plugin(reg: Registry, plugin_name: str, plugin: Any) -> list[str]:
             return [f"{hook} raised {type(exc).__name__}: {exc}; the plugin was skipped"]
 
     problems = []
-    for entry in staged["register_couplings"]:
-        if entry.name in reg.couplings:
-            # First come wins: a plugin must not silently swap the coupling of every model using that name.
-            problems.append(f"coupling {entry.name!r} skipped: the name is already registered by "
-                            f"{reg.couplings[entry.name].plugin!r}")
-            continue
-        try:
-            check_factory(entry.obj)
-        except Exception as exc:
-            why = str(exc) if isinstance(exc, PluginCheckError) else f"{type(exc).__name__}: {exc}"
-            problems.append(f"coupling {entry.name!r} skipped: it failed its load-time check: {why}")
-            continue
-        reg.couplings[entry.name] = entry
-    reg.backends.update((e.name, e) for e in staged["register_backends"])
+    for kind, table in (("backend", reg.backends), ("coupling", reg.couplings)):
+        for entry in staged[f"register_{kind}s"]:
+            taken = table.get(entry.name)
+            if taken is not None and entry.name not in allowed:
+                # First come wins: a plugin must not silently swap what every model of that name runs.
+                problems.append(f"{kind} {entry.name!r} refused: the name is already registered by {taken.plugin!r}"
+                                f" ({taken.distribution or 'in-process'}); set {OVERRIDE_ENV}={entry.name} to let "
+                                f"{plugin_name!r} replace it")
+                continue
+            if kind == "coupling":
+                try:
+                    check_factory(entry.obj)
+                except Exception as exc:
+                    why = str(exc) if isinstance(exc, PluginCheckError) else f"{type(exc).__name__}: {exc}"
+                    problems.append(f"coupling {entry.name!r} skipped: it failed its load-time check: {why}")
+                    continue
+            if taken is not None:
+                entry = dataclasses.replace(entry, replaces=taken.plugin)
+                warnings.warn(f"revnet_zero plugin {plugin_name!r} replaces {kind} {entry.name!r} of "
+                              f"{taken.plugin!r} ({OVERRIDE_ENV} allows it)", stacklevel=3)
+            table[entry.name] = entry
     reg.kernels.extend(staged["register_kernels"])
     return problems
 
@@ -194,15 +222,17 @@ def describe() -> list[dict[str, str]]:
     """What ``revnet plugins`` prints: a row per backend, coupling and kernel, then one per failed plugin.
 
     Row keys: kind ("backend" | "coupling" | "kernel" | "failed"), name, plugin (entry point or module
-    name), distribution ("name version"; "" for a plugin registered in-process), reason ("" unless failed).
+    name), distribution ("name version"; "in-process" for a plugin registered by ``register_plugin``),
+    reason (why a plugin failed or what it had refused; for an allowed override, whose entry it replaced).
     """
     reg = registry()
     rows = []
     for kind, entries in (("backend", reg.backends.values()), ("coupling", reg.couplings.values()),
                           ("kernel", reg.kernels)):
-        rows += [dict(kind=kind, name=e.name, plugin=e.plugin, distribution=e.distribution, reason="")
+        rows += [dict(kind=kind, name=e.name, plugin=e.plugin, distribution=e.distribution or "in-process",
+                      reason=f"replaces {e.replaces!r} ({OVERRIDE_ENV})" if e.replaces else "")
                  for e in sorted(entries, key=lambda e: e.name)]
-    rows += [dict(kind="failed", name=p, plugin=p, distribution=_distributions.get(p, ""), reason=why)
+    rows += [dict(kind="failed", name=p, plugin=p, distribution=_distributions.get(p, "in-process"), reason=why)
              for p, why in sorted(reg.failures.items())]
     return rows
 
@@ -221,16 +251,20 @@ def reset() -> None:
     _registry = None
 
 
-def register_plugin(plugin: Any, name: str | None = None) -> str:
-    """Register a plugin object in-process (tests, notebooks); returns its name."""
+def register_plugin(plugin: Any, name: str | None = None, *, override: tuple[str, ...] | list[str] = ()) -> str:
+    """Register a plugin object in-process (tests, notebooks); returns its name. ``override``: backend or
+    coupling names it may take over from an earlier plugin (else such a registration is refused)."""
     pm = plugin_manager()
     registered = pm.register(plugin, name=name)
+    _overrides.update(override)
+    _plugin_overrides[registered] = tuple(override)
     reset()
     return registered
 
 
 def unregister_plugin(name: str) -> None:
     plugin_manager().unregister(name=name)
+    _overrides.difference_update(_plugin_overrides.pop(name, ()))
     reset()
 
 
@@ -266,7 +300,22 @@ def backends_with(part: str) -> list[str]:
     return sorted(n for n, e in registry().backends.items() if getattr(e.obj, part, None))
 
 
+def option_names() -> dict[str, tuple[str, ...]]:
+    """{backend: the names of its ModelConfig.backend_options section} for installed backends with one."""
+    return {n: tuple(f.name for f in dataclasses.fields(registry().backends[n].obj.load("options")))
+            for n in backends_with("options")}
+
+
 def get_coupling(name: str, **options: Any):
     """A fresh coupling instance by registered name."""
+    import inspect
+
     factory = _lookup(registry().couplings, "coupling", name).obj
+    try:  # an unknown option is the user's typo, not a TypeError deep inside the plugin
+        inspect.signature(factory).bind(**options)
+    except TypeError as exc:
+        raise ConfigError(f"coupling {name!r} does not take options {sorted(options)} ({exc}); "
+                          f"it takes {list(inspect.signature(factory).parameters)}") from None
+    except ValueError:  # no signature to read (a builtin): let the factory judge
+        pass
     return factory(**options)

@@ -4,15 +4,12 @@ validated without a framework, and the data they describe. Every backend's train
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from . import policies as policy_table
 from .config import ModelConfig
 from .errors import ConfigError
+from .planner import STRATEGIES
 
 # Named model shapes (--size); explicit --layers/--d-model/--heads override them.
 PRESETS: dict[str, dict[str, int]] = {
@@ -22,6 +19,7 @@ PRESETS: dict[str, dict[str, int]] = {
     "medium": {"num_layers": 12, "d_model": 512, "num_heads": 8},
     "large": {"num_layers": 24, "d_model": 1024, "num_heads": 16},  # the seed model's shape (byte vocab)
 }
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 autocast where supported, else fp32; fp16: loss-scaled
 
 
 def _opt(default, help: str, kind=None, choices=None, flag: str | None = None, nargs=None, metavar=None):
@@ -50,11 +48,12 @@ class TrainSettings:
     min_lr_ratio: float = _opt(0.1, "the cosine schedule ends at lr x this")
     weight_decay: float = _opt(0.1, "AdamW weight decay on matrices")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm; 0 turns clipping off")
-    precision: str = _opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    precision: str = _opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU; fp16: with a dynamic loss scaler",
+                           choices=PRECISIONS)
     policy: str = _opt(policy_table.DEFAULT, f"memory policy, one of {', '.join(policy_table.NAMES)}; or one per "
                        "layer, comma-separated")
     scheduler: str | None = _opt(None, "memory scheduler strategy that picks the policies at every forward "
-                                 "(overrides --policy)", kind=str, choices=("adaptive", "aggressive", "balanced"))
+                                 "(overrides --policy)", kind=str, choices=STRATEGIES)
     task: str = _opt("lm", "lm: byte-level language modelling; passkey: synthetic long-range retrieval",
                      choices=("lm", "passkey"))
     passkey_digits: int = _opt(5, "digits of the passkey (--task passkey)")
@@ -110,11 +109,11 @@ class TrainSettings:
                 raise ConfigError(f"{f.name}={value!r} must be of type {kind.__name__}")
             if choices and value not in choices:
                 raise ConfigError(f"{f.name}={value!r} is not one of {list(choices)}")
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "seq_len", "passkey_digits"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be a positive integer")
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_windows", "seq_len", "passkey_digits",
+                     "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # None: only checkpoint_every may be unset
+                raise ConfigError(f"{name}={value} must be a positive integer")
         if self.warmup is not None and self.warmup < 0:
             raise ConfigError(f"warmup={self.warmup} must be >= 0")
         if not self.lr > 0:
@@ -132,79 +131,6 @@ class TrainSettings:
     @property
     def clip_norm(self) -> float | None:
         return self.max_grad_norm or None
-
-
-def settings_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(TrainSettings)}
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """The settings in a TOML file (top level or a ``[train]`` table); unknown keys raise ConfigError."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise ConfigError("--config needs Python 3.11+ (tomllib) or the tomli package") from None
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
-    if "train" in raw and isinstance(raw["train"], dict):
-        extra = sorted(k for k in raw if k != "train")
-        if extra:
-            raise ConfigError(f"config file {path!r}: keys {extra} lie outside the [train] table")
-        raw = raw["train"]
-    known = settings_fields()
-    out = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"config file {path!r}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
-        if name == "data" and isinstance(value, str):
-            value = [value]
-        out[name] = value
-    return out
-
-
-def build_settings(args: Any) -> TrainSettings:
-    """Defaults, then the ``--config`` file, then the flags given on the command line (``args``: an
-    ``argparse.Namespace``; a missing attribute means the flag was not given)."""
-    values: dict[str, Any] = {}
-    config_path = getattr(args, "config", None)
-    if config_path:
-        values.update(load_config_file(config_path))
-    for name in settings_fields():
-        if hasattr(args, name):
-            values[name] = getattr(args, name)
-    settings = TrainSettings(**values)
-    settings.validate()
-    return settings
-
-
-def resolve_out(settings: TrainSettings) -> None:
-    # --resume with no value continues the --out folder; --resume PATH writes next to that checkpoint.
-    if settings.resume == "":
-        if settings.out is None:
-            raise ConfigError("--resume without a path needs --out DIR (the run folder to continue)")
-        settings.resume = settings.out
-    if settings.resume is not None and not Path(settings.resume).exists():
-        raise ConfigError(f"nothing to resume at {settings.resume!r}")
-    if settings.out is None:
-        if settings.resume is not None:
-            p = Path(settings.resume)
-            settings.out = os.fspath(p if p.is_dir() else p.parent)
-        else:
-            base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-            out, n = base, 1
-            while out.exists():
-                n += 1
-                out = base.with_name(f"{base.name}-{n}")
-            settings.out = os.fspath(out)
 
 
 def make_data(settings: TrainSettings):

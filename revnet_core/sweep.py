@@ -79,13 +79,27 @@ def invert(coupling: BaseCoupling, y, fx, overwrite: bool):
     return coupling.inverse(y, fx)
 
 
-def half_backward(block, coupling: BaseCoupling, u, y, dy, vjp: Vjp, coupling_autodiff=None, overwrite=False):
+def half_backward(block, coupling: BaseCoupling, u, y, dy, vjp: Vjp, coupling_autodiff=None, overwrite=False,
+                  additive_vjp=None):
     """Undo ``y = coupling(x, block(u))`` given the block input u, the output y and its cotangent dy.
 
     Returns (x, dx, du, dparams): the rebuilt stream, its cotangent, the cotangent reaching u through the
     block, and the block's parameter cotangents. With ``overwrite`` the caller owns y and dy and lets them
     be reused for x and dx (in place where the array type allows it).
+
+    ``additive_vjp(block, u, dy, settle) -> (du, dparams) | NotImplemented``: a backend's way to run the
+    block and its pullback in one pass, taken for couplings with the "additive" capability. There the
+    block's output cotangent is dy whatever block(u) is, so the backend may differentiate piece by piece
+    (attention over head chunks) while it computes block(u); it calls ``settle(block(u))`` once the output
+    is complete, which rebuilds x, so the output need not outlive it. NotImplemented: the general path.
     """
+    if additive_vjp is not None and has_capability(coupling, "additive"):
+        rebuilt = []
+        out = additive_vjp(block, u, dy, lambda bu: rebuilt.append(invert(coupling, y, bu, overwrite)))
+        if out is not NotImplemented:
+            if len(rebuilt) != 1:
+                raise RuntimeError("additive_vjp must call settle exactly once")
+            return rebuilt[0], dy, *out
     bu, pull = vjp(block, u)
     x = invert(coupling, y, bu, overwrite)
     dx, dbu = coupling_vjp(coupling, x, bu, dy, coupling_autodiff)

@@ -11,11 +11,10 @@ the whole sequence: the filler is periodic and predicts nothing about the key.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import numpy as np
 
-from .data import IGNORE_INDEX, Batch, TrainingData, new_generator
+from .data import IGNORE_INDEX, Batch, SeededSampler, TrainingData, new_generator
 from .errors import InputError
 
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -27,9 +26,11 @@ def _needle(key: bytes) -> bytes:
     return b" The pass key is " + key + b". Remember it. " + key + b" is the pass key. "
 
 
-class PasskeyTask:
+class PasskeyTask(SeededSampler):
     """Samples of exactly ``seq_len`` bytes with a ``digits``-digit key; labels are ``IGNORE_INDEX`` except on
     the answer (the last ``digits`` bytes). Also a training sampler: ``next_batch``/``state_dict``."""
+
+    kind = "passkey"
 
     def __init__(self, seq_len: int, batch_size: int = 1, seed: int = 0, digits: int = 5):
         if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 32:
@@ -39,12 +40,8 @@ class PasskeyTask:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < need:
             raise InputError(f"the passkey task needs seq_len >= {need} (needle, question and a {digits}-digit "
                              f"answer), got {seq_len!r}")
-        if batch_size < 1:
-            raise InputError(f"batch_size={batch_size} must be a positive integer")
+        super().__init__(batch_size, seed)
         self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.rng = new_generator(seed)
-        self.batches = 0
 
     @staticmethod
     def min_seq_len(digits: int = 5) -> int:
@@ -74,22 +71,10 @@ class PasskeyTask:
         self.batches += 1
         return self._batch(self.rng, self.batch_size)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "passkey", "rng": self.rng.bit_generator.state, "batches": self.batches}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "passkey":
-            raise InputError(f"sampler state of kind {state.get('kind')!r} does not fit the passkey task")
-        self.rng.bit_generator.state = state["rng"]
-        self.batches = int(state["batches"])
-
     def eval_batches(self, samples: int, seed: int = EVAL_SEED) -> list[Batch]:
         """A fixed held-out set from its own seed stream, in batches of ``batch_size``."""
         rng = new_generator(seed)
-        out = []
-        for start in range(0, samples, self.batch_size):
-            out.append(self._batch(rng, min(self.batch_size, samples - start)))
-        return out
+        return [self._batch(rng, min(self.batch_size, samples - start)) for start in range(0, samples, self.batch_size)]
 
 
 def passkey_data(seq_len: int, batch_size: int, seed: int = 0, eval_samples: int = 32, digits: int = 5) -> TrainingData:

@@ -25,7 +25,9 @@ from typing import Any, Callable
 from revnet_core import registry as registry_module
 from revnet_core.config import ModelConfig
 from revnet_core.errors import ConfigError, RevNetError
-from revnet_core.settings import TrainSettings, build_settings, make_data, resolve_out, settings_fields
+from revnet_core.settings import TrainSettings, make_data
+
+from .cli_settings import build_settings, resolve_out, settings_fields
 
 EXIT_USAGE = 2  # argparse's code for bad flags; we use it for every error the user can fix
 EXIT_INTERRUPTED = 130
@@ -67,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = settings.model_config()
     d = data.identity
     source = f"{d['source']}" + (f" (Python {d['python_version']}, sha256 {d['sha256'][:12]})" if "sha256" in d else "")
-    print(f"revnet train: {config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads, "
+    resuming = f"resuming {settings.resume}, " if settings.resume else ""
+    print(f"revnet train: {resuming}{config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads, "
           f"seq_len {settings.seq_len}, {settings.steps} steps, task {settings.task}, data {source}, "
           f"out {settings.out}", file=sys.stderr)
     summary = trainer.run(settings, data)
@@ -76,6 +79,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         again = _without_run_folder(args._argv or []) + ["--resume", settings.out]
         print(f"stopped at step {summary['step']} of {summary['steps']}; continue with:\n  revnet {shlex.join(again)}",
               file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if summary.get("interrupted"):  # Ctrl-C while the last files were written: they were finished first
+        print(f"revnet: interrupted after the run's files were written (step {summary['step']} of "
+              f"{summary['steps']}, complete)", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 
@@ -96,11 +103,16 @@ def _without_run_folder(argv: list[str]) -> list[str]:
     return out
 
 def _print_summary(settings: TrainSettings, summary: dict[str, Any]) -> None:
-    lines = [f"step {summary['step']}/{summary['steps']}  train loss {summary['loss']:.4f}  "
+    loss = "-" if summary["loss"] is None else f"{summary['loss']:.4f}"  # None: stopped before a step finished
+    resumed = f"  (resumed from step {summary['resumed_from']})" if summary.get("resumed_from") is not None else ""
+    lines = [f"step {summary['step']}/{summary['steps']}{resumed}  train loss {loss}  "
              f"params {summary.get('params', 0) / 1e6:.2f}M  device {summary['device']}  {summary['precision']}"]
+    if summary.get("precision") == "fp16":
+        lines[0] += f"  overflow steps skipped {summary.get('overflow_steps', 0)}"
     ev = summary.get("eval") or {}
     if ev:
-        parts = [f"held-out loss {ev['eval_loss']:.4f}"]
+        # After a stop the last evaluation may be older than the last step: say which step it is from.
+        parts = [f"held-out loss {ev['eval_loss']:.4f} (step {ev.get('step', summary['step'])})"]
         if "eval_bits_per_byte" in ev:
             parts.append(f"bits per byte {ev['eval_bits_per_byte']:.4f}")
         if "eval_accuracy" in ev:
@@ -132,7 +144,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     a("--warmup", type=int, default=1, metavar="N", help="untimed steps before them (default: 1)")
     a("--metrics", default=",".join(BENCH_METRICS), metavar="LIST", help="of memory, throughput, energy (default: all)")
     a("--optimizer", default="adamw", choices=("adamw", "sgd", "none"), help="stepped in every step (default: adamw)")
-    a("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    a("--precision", default="auto", choices=("auto", "fp32", "bf16"),  # bench: no loss scaling, so no fp16
       help="auto: bf16 autocast on GPU, fp32 on CPU (default: auto)")
     a("--device", default="auto", metavar="NAME", help="auto (GPU when present), cpu, cuda, cuda:1 (default: auto)")
     a("--seed", type=int, default=0, metavar="N", help="seed of the weights (shared by every model) and the ids")
@@ -187,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench = record.load("bench")
     command = "revnet " + shlex.join(getattr(args, "_argv", None) or ["bench"])
     print(f"revnet bench: {', '.join(models)} at {', '.join(map(str, lengths))} tokens; {args.layers} layers, "
-          f"d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}; one subprocess per cell", file=sys.stderr)
+          f"d_model {args.d_model}, {args.heads} heads, vocab {args.vocab}", file=sys.stderr)
     suite = bench.BenchmarkSuite(config=config, seed=args.seed, timeout=args.timeout, verbose=True)
     results = suite.run(models={m: m for m in models}, sequence_lengths=lengths, batch_sizes=batches,
                         metrics=metrics, steps=args.steps, warmup=args.warmup,
@@ -285,7 +297,7 @@ def _add_plugins_arguments(parser: argparse.ArgumentParser) -> None:
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("train a reversible LM (no arguments: a small model on the embedded corpus)", add_train_arguments,
               cmd_train),
-    "bench": ("training-step memory, time and energy of built-in models (one subprocess per cell)",
+    "bench": ("training-step memory, time and energy of built-in models (a subprocess per cell on a GPU)",
               _add_bench_arguments, cmd_bench),
     "info": ("installed backends, couplings, kernels, plugins, versions and the device", lambda p: None, cmd_info),
     "plugins": ("the plugins and what each registered", _add_plugins_arguments, cmd_plugins),

@@ -1,5 +1,6 @@
-"""Training loops (PyTorch): ``LongContextTrainer(model=..., max_length=...).train(train_dataset=...)``."""
+"""Training loops (PyTorch): ``LongContextTrainer(model=..., max_length=...).train(train_dataset=...)``, and
+``ReversibleAMPTrainer(model, fp16=True, loss_scale='dynamic')`` for loss-scaled fp16."""
 
-from revnet_torch.trainer import LongContextTrainer, TrainingError
+from revnet_torch.trainer import LongContextTrainer, ReversibleAMPTrainer, TrainingError
 
-__all__ = ["LongContextTrainer", "TrainingError"]
+__all__ = ["LongContextTrainer", "ReversibleAMPTrainer", "TrainingError"]

@@ -20,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-GATED = ("geglu", "swiglu")
+from revnet_core.config import GATED_ACTIVATIONS
+
+GATED = GATED_ACTIVATIONS
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from revnet_core.errors import ConfigError
 from revnet_core.sweep import LayerSpec, forward_step, inverse_step
 
 from .blocks import GATED, BlockConfig, attention_block, ffn_block, init_norm
+from .options import options
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,13 +35,14 @@ class LayerStatic:
     @classmethod
     def from_config(cls, config: ModelConfig, compute_dtype: str | None = None) -> "LayerStatic":
         cf, cg = resolve_coupling(config), resolve_coupling(config)
+        opts = options(config)
         out = cf.fx_features(config.d_model)
         if cg.fx_features(config.d_model) != out:
             raise ConfigError("the two couplings of a layer must take block outputs of the same width")
         block = BlockConfig(
             d_model=config.d_model, num_heads=config.num_heads, d_ff=config.ffn_dim, out_features=out,
             activation=config.activation, norm=config.norm, norm_eps=config.norm_eps, rope_base=config.rope_base,
-            attention=config.attention, use_flash_attention=config.use_flash_attention, dropout=config.dropout,
+            attention=opts.attention, use_flash_attention=opts.use_flash_attention, dropout=config.dropout,
             attention_dropout=config.attention_dropout, compute_dtype=compute_dtype,
             ffn_chunk_size=config.ffn_chunk_size,
         )

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from revnet_core import policies as policy_table
-from revnet_core.config import ModelConfig
+from revnet_core.config import ModelConfig, model_fields
 from revnet_core.errors import ConfigError, InputError
 from revnet_core.inputs import check_id_range, check_length
 
@@ -19,6 +19,7 @@ from .blocks import init_norm, norm
 from .engine import run_layers
 from .layers import LayerStatic, init_layers
 from .loss import IGNORE_INDEX, chunked_lm_loss, logits, shift_targets
+from .options import JAXOptions
 
 _FLOATS = ("float32", "float64", "bfloat16", "float16")
 
@@ -52,7 +53,8 @@ class ReversibleTransformerJAX:
     streams through a final norm, and an untied LM head: the torch backend's ``ReversibleTransformer``.
 
     ``ReversibleTransformerJAX(num_layers=24, d_model=1024, num_heads=16)`` or ``(config)``; every field of
-    ``revnet_core.ModelConfig`` is accepted, plus:
+    ``revnet_core.ModelConfig`` is accepted, the JAX backend's options (``revnet_jax.options.JAXOptions``)
+    going to the config's jax section, plus:
 
     * ``use_scan``: run the layer stack with ``lax.scan`` (compile time flat in depth) or a Python loop;
     * ``compute_dtype``: the matmul dtype (e.g. "bfloat16"; torch: autocast), None for the params' dtype;
@@ -68,16 +70,10 @@ class ReversibleTransformerJAX:
 
     def __init__(self, config: ModelConfig | None = None, *, use_scan: bool = True, compute_dtype: Any = None,
                  param_dtype: Any = "float32", seed: int = 0, params: Any = None, **fields):
-        if config is None:
-            config = ModelConfig.from_kwargs(**fields)
-        elif fields:
-            config = config.replace(**fields)
+        config = model_fields(config, fields, "jax", JAXOptions)
         if config.attention_window is not None:
             raise ConfigError(f"attention_window={config.attention_window}: sliding-window attention is built in "
                               "the torch backend only; leave it None for JAX")
-        if config.loss_kernel == "fused":
-            raise ConfigError("loss_kernel='fused' (revnet_kernels' Triton linear cross-entropy) is built for the torch "
-                              "backend only; JAX runs its chunked head ('auto' or 'chunked')")
         # attn_head_chunk needs nothing here: XLA schedules the heads itself (the function is the same).
         self.config = config
         self.use_scan = bool(use_scan)

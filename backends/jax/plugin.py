@@ -19,6 +19,7 @@ RECORD = BackendRecord(
     "jax", build,
     scheduler="revnet_jax.scheduler",
     memory="revnet_jax.memory",
+    options="revnet_jax.options:JAXOptions",
 )
 
 

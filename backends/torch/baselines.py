@@ -15,11 +15,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from revnet_core import policies as policy_table
-from revnet_core.config import ModelConfig
+from revnet_core.config import ModelConfig, model_fields
 
 from .blocks import AttentionBlock, FeedForwardBlock, Rotary, make_norm
 from .model import ModelOutput, init_weights
 from .loss import lm_loss, shift_targets
+from .options import TorchOptions, options
 
 # A plain GPT's memory modes: the table's policies it can run (no inverse, no block recompute), and offload.
 MEMORY_MODES = tuple(p for p in policy_table.WHOLE_LAYER if not policy_table.BY_NAME[p].needs_inverse) + ("offload",)
@@ -28,9 +29,10 @@ MEMORY_MODES = tuple(p for p in policy_table.WHOLE_LAYER if not policy_table.BY_
 class PlainLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: Rotary):
         super().__init__()
+        opts = options(cfg)
         self.attn = AttentionBlock(
             cfg.d_model, cfg.num_heads, cfg.d_model, rotary, norm=cfg.norm, eps=cfg.norm_eps,
-            attention=cfg.attention, use_flash_attention=cfg.use_flash_attention,
+            attention=opts.attention, use_flash_attention=opts.use_flash_attention,
             attention_dropout=cfg.attention_dropout, dropout=cfg.dropout, head_chunk=cfg.attn_head_chunk,
             window=cfg.attention_window,
         )
@@ -49,8 +51,9 @@ class PlainGPT(nn.Module):
         super().__init__()
         if memory not in MEMORY_MODES:
             raise ValueError(f"{memory=} is not one of {list(MEMORY_MODES)}")
-        config = config.replace(**fields) if config is not None else ModelConfig.from_kwargs(**fields)
+        config = model_fields(config, fields, "torch", TorchOptions)
         self.config = config
+        self.options = options(config)
         self.memory = memory
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.rotary = Rotary(config.head_dim, config.rope_base)
@@ -76,5 +79,5 @@ class PlainGPT(nn.Module):
                     x = layer(x)
         h = self.norm(x)
         targets = shift_targets(input_ids if labels is None else labels)
-        loss = lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size, self.config.loss_kernel)
+        loss = lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size, self.options.loss_kernel)
         return ModelOutput(loss=loss, logits=self.head(h) if return_logits else None, last_hidden_state=h)

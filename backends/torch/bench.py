@@ -3,9 +3,11 @@
 Built-in baselines are named specs a fresh process can rebuild: ``plain`` (PyTorch, everything stored),
 ``checkpoint`` (``torch.utils.checkpoint`` per layer), ``offload`` (checkpoint + layer inputs in pinned host
 memory) and ``reversible`` (our stack). All four get the same weights (one seeded state dict, mapped onto each
-layout) and the same attention kernel and loss head. Each spec cell runs in its own subprocess: an
+layout) and the same attention kernel and loss head. On a GPU each spec cell runs in its own subprocess: an
 out-of-memory fragments the allocator for whatever runs after it in the same process, so it becomes a row
-``{"oom": true}`` instead. ``nn.Module`` instances cannot be rebuilt elsewhere and run in this process, with
+``{"oom": true}`` instead. On the CPU (no allocator to fragment; memory is counted as tensor bytes) spec
+cells run in this process unless a ``timeout`` asks for a child it can stop: starting a child costs seconds
+of imports (torch, then torch._dynamo, which AdamW's constructor loads), far more than a tiny cell. ``nn.Module`` instances cannot be rebuilt elsewhere and run in this process, with
 the out-of-memory caught.
 
     from revnet_torch.bench import BenchmarkSuite
@@ -36,10 +38,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from revnet_core.config import ModelConfig
 from revnet_core.errors import ConfigError
 
 METRICS = ("memory", "throughput", "energy")
+from .options import config_of, options
 from .plugin import BENCH_MODELS as SPEC_KINDS  # the record names them before torch is imported
 OPTIMIZERS = ("adamw", "sgd", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -61,7 +63,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.kind not in SPEC_KINDS:
             raise ConfigError(f"unknown model {self.kind!r}; built-in models: {', '.join(SPEC_KINDS)}")
-        ModelConfig.from_kwargs(**{**DEFAULT_CONFIG, **self.config})  # a bad field fails here, not in a child
+        config_of({**DEFAULT_CONFIG, **self.config})  # a bad field fails here, not in a child
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "config": dict(self.config), "seed": self.seed}
@@ -94,7 +96,7 @@ def build_model(spec: ModelSpec, max_seq_len: int) -> nn.Module:
     import revnet_core
     from .baselines import PlainGPT
 
-    cfg = ModelConfig.from_kwargs(**{**DEFAULT_CONFIG, **spec.config})
+    cfg = config_of({**DEFAULT_CONFIG, **spec.config})
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max_seq_len))
     torch.manual_seed(spec.seed)
     # The plain model's state dict is the reference every kind loads, so "same weights" does not depend on
@@ -383,9 +385,9 @@ def run_spec_cell(cell: Mapping[str, Any]) -> dict[str, Any]:
                   device=cell["device"], metrics=cell["metrics"], optimizer=cell["optimizer"],
                   precision=cell["precision"], seed=cell.get("seed", 0))
     row["weights_sha256"] = digest
-    cfg = ModelConfig.from_kwargs(**{**DEFAULT_CONFIG, **spec.config})
-    row["attention"] = ("reference matmul attention" if cfg.attention == "reference" else
-                        "SDPA, fused backends allowed" if cfg.use_flash_attention else "SDPA pinned to math")
+    opts = options(model.config)
+    row["attention"] = ("reference matmul attention" if opts.attention == "reference" else
+                        "SDPA, fused backends allowed" if opts.use_flash_attention else "SDPA pinned to math")
     return row
 
 
@@ -509,7 +511,7 @@ class BenchmarkSuite:
     def __init__(self, config: Mapping[str, Any] | None = None, seed: int = 0, timeout: float | None = None,
                  verbose: bool = False):
         self.config = {**DEFAULT_CONFIG, **dict(config or {})}
-        ModelConfig.from_kwargs(**self.config)
+        config_of(self.config)
         self.seed = seed
         self.timeout = timeout
         self.verbose = verbose
@@ -521,7 +523,7 @@ class BenchmarkSuite:
         """Measure every model at every length (batch ``batch_sizes[i]`` at ``sequence_lengths[i]``, or one batch
         size for all). A model is an ``nn.Module`` (run in this process, its weights restored before each cell),
         a built-in name of SPEC_KINDS, a dict ``{"kind", "config", "seed"}`` or a ModelSpec (each cell in a
-        subprocess of its own). ``save_to``: a JSON path rewritten after every cell, so a run cut short keeps
+        subprocess of its own, except on the CPU without a ``timeout``: see the module docstring). ``save_to``: a JSON path rewritten after every cell, so a run cut short keeps
         what it measured."""
         lengths, batches = _check_lengths(sequence_lengths, batch_sizes)
         metrics = list(metrics)
@@ -569,8 +571,10 @@ class BenchmarkSuite:
                     cell = {"spec": spec.to_dict(), "seq": seq, "batch": batch, "steps": steps, "warmup": warmup,
                             "device": str(dev), "metrics": metrics, "optimizer": optimizer, "precision": precision,
                             "seed": self.seed}
-                    res = self._run_child(cell)
-                    base.update(implementation=f"built-in {spec.kind} (subprocess)", spec=spec.to_dict())
+                    here = dev.type == "cpu" and self.timeout is None
+                    res = run_spec_cell(cell) if here else self._run_child(cell)
+                    base.update(implementation=f"built-in {spec.kind} ({'in-process' if here else 'subprocess'})",
+                                spec=spec.to_dict())
                 rows.append({**base, **res})
                 if save_to is not None:
                     BenchmarkResults(rows, env, settings).to_json(save_to)

@@ -33,7 +33,7 @@ written into a (B, T, H, hd) buffer that proj reads. A stored F then saves, besi
 (A*c) and, without autocast, the weight rows' copies (3*d*d*p over the chunks); the rest is the same split
 by chunk. Its autograd backward walks the chunks from the last (CopySlices: a clone of the buffer's
 cotangent per chunk), each chunk's qkv weight gradient a zero-padded (3d, d) tensor. A ``reverse`` layer
-with an additive coupling and no dropout runs the F half through ``AttentionBlock.additive_half_backward``:
+with an additive coupling and no dropout runs the F half through ``AttentionBlock.additive_vjp``:
 one chunk's graph at a time, built and differentiated at once, so its peak holds one chunk's q, k, v and
 kernel buffers where the unchunked backward holds all heads' (attn_half_backward_chunked); otherwise (affine
 coupling, dropout) the generic half over the chunked forward. Compiled blocks (which take the generic half
@@ -61,15 +61,17 @@ from typing import Sequence
 
 from revnet_core import policies as policy_table
 from revnet_core.build import resolve_coupling
-from revnet_core.config import GATED_ACTIVATIONS, ModelConfig
+from revnet_core.config import GATED_ACTIVATIONS, ModelConfig, with_backend_options
 from revnet_core.memory import DTYPE_BYTES, StepMemory, Tape, Workload
 from revnet_core.memory import chunks as _chunks
 from revnet_core.sweep import has_capability
 
 from revnet_kernels.cross_entropy import fused_layout
+from revnet_kernels.registry import select
 
 from .blocks import ROPE_CHUNK, heads_per_chunk
 from .loss import uses_fused_head  # imported, not copied: the replay cannot drift
+from .options import TorchOptions, options
 ATTENTION_KERNELS = ("sdpa", "math", "reference")
 
 
@@ -101,7 +103,8 @@ class Sizes:
     head_chunk: int
     ffn_chunk: int  # tokens per FFN chunk along the sequence (FeedForwardBlock.chunk_size; T when 0)
     attn_heads: int = 0  # heads per attention chunk (AttentionBlock.head_chunks); 0 or H: one chunk
-    loss_fused: bool = False  # the loss head is revnet_kernels' linear cross-entropy (ModelConfig.loss_kernel)
+    loss_fused: bool = False  # the loss head is revnet_kernels' linear cross-entropy (torch option loss_kernel)
+    fused_gate: bool = False  # a gated activation through the fused Triton kernel (GPUs): it saves only u
 
     @property
     def A(self) -> int:
@@ -125,10 +128,10 @@ def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
     p = DTYPE_BYTES[w.param_dtype]
     s = max(p, DTYPE_BYTES[cfg.stream_dtype])  # streams: the embedding promoted to the stream dtype
     c = DTYPE_BYTES[w.autocast_dtype] if w.autocast_dtype else s
-    window = cfg.attention_window
+    window, opts = cfg.attention_window, options(cfg)
     attention = w.attention or ("sdpa" if window is not None else  # windowed: counted as a fused kernel
-                                "reference" if cfg.attention == "reference" else
-                                "sdpa" if cfg.use_flash_attention else "math")
+                                "reference" if opts.attention == "reference" else
+                                "sdpa" if opts.use_flash_attention else "math")
     attn_drop = cfg.attention_dropout if w.training else 0.0
     if attention == "sdpa" and attn_drop > 0 and w.device == "cpu":
         attention = "math"  # CPU's flash kernel has no dropout: SDPA falls back to the math kernel
@@ -145,8 +148,19 @@ def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
         activation=cfg.activation, attention=attention, device=w.device,
         drop=cfg.dropout if w.training else 0.0, attn_drop=attn_drop, head_chunk=cfg.loss_chunk_size,
         ffn_chunk=cfg.ffn_chunk_size, attn_heads=_heads_per_chunk(cfg, w),
-        loss_fused=uses_fused_head(cfg.loss_kernel, w.device),
+        loss_fused=uses_fused_head(opts.loss_kernel, w.device),
+        fused_gate=_fused_gate(cfg, w),
     )
+
+
+def _fused_gate(cfg: ModelConfig, w: Workload) -> bool:
+    """Whether the registry runs this config's gated activation through the Triton kernel: asked of the
+    registry itself (the blocks call ``revnet_kernels.activations.activation``), so the replay cannot drift."""
+    if cfg.activation not in GATED_ACTIVATIONS:
+        return False
+    dtype = w.autocast_dtype or w.param_dtype
+    width = 2 * cfg.ffn_dim
+    return select("activation", w.device, dtype, {"kind": cfg.activation, "width": width}).impl == "triton"
 
 
 def fused_ce_layout(vocab: int, rows: int) -> tuple[int, int]:
@@ -312,7 +326,7 @@ class _Step:
             mc, up = self.math_dtype()
             if up:
                 q32, k32 = t.alloc(pre + "q32", A * 4, cat), t.alloc(pre + "k32", A * 4, cat)
-                v32 = t.alloc(pre + "v32", A * 4, cat, saved=keep)
+                t.alloc(pre + "v32", A * 4, cat, saved=keep)  # freed by name in the backward
             qs = t.alloc(pre + "qs", A * mc, cat, saved=keep)
             ks = t.alloc(pre + "ks", A * mc, cat, saved=keep)
             if up:
@@ -337,36 +351,41 @@ class _Step:
                 t.free(pre + "v32")
             t.free(qs, ks, probs, pv if pv != probs else None)
             return out
-        # reference_attention: q @ k^T / sqrt(hd), masked_fill(~mask), softmax, (dropout), @ v.
-        sm = 4 if (z.device == "cuda" and z.cast) else z.c  # CUDA's autocast runs softmax in fp32
-        qk = t.alloc(pre + "qk", BHTT * z.c, cat)
+        # revnet_kernels.attn.reference_attention (return_lse=False), autocast off inside: k, v, q cast to the
+        # accumulation dtype (copies unless already in it), q @ k^T scaled and masked in place, softmax,
+        # (dropout), @ v, the output cast back to q's dtype.
+        a = 8 if z.c == 8 else 4
+        up = z.c != a
+        kf = t.alloc(pre + "kf", A * a, cat) if up else k
+        vf = t.alloc(pre + "vf", A * a, cat) if up else v
+        qf = t.alloc(pre + "qf", A * a, cat) if up else q
+        scores = t.alloc(pre + "scores", BHTT * a, cat)
         if keep:
-            t.hold(q, saved=True)
-            t.hold(k, saved=True)
-        scores = t.alloc(pre + "scores", BHTT * z.c, cat)
-        t.free(qk)
-        ones = t.alloc(pre + "ones", z.T * z.T, cat)
+            t.hold(qf, saved=True)
+            t.hold(kf, saved=True)
+        if up:
+            t.free(qf)  # a temporary of the statement
+        # visible_mask: two int64 aranges, a (T, T) mask and the causal comparison &-ed into it
+        ai, aj = t.alloc(pre + "ar_i", z.T * 8, cat), t.alloc(pre + "ar_j", z.T * 8, cat)
         mask = t.alloc(pre + "mask", z.T * z.T, cat)
-        t.free(ones)
+        t.free(t.alloc(pre + "causal", z.T * z.T, cat), ai, aj)
         notmask = t.alloc(pre + "notmask", z.T * z.T, cat, saved=keep)
-        masked = t.alloc(pre + "masked", BHTT * z.c, cat)
-        t.free(notmask)
-        probs = t.alloc(pre + "probs", BHTT * sm, cat, saved=keep)
-        t.free(masked)
+        t.free(mask, notmask)  # temporaries of the masked_fill_ statement (kept by autograd when saved)
+        probs = t.alloc(pre + "probs", BHTT * a, cat, saved=keep)  # softmax saves its output
+        t.free(scores)  # del scores
         pv = probs
-        if sm != z.c:
-            pv = t.alloc(pre + "probs_c", BHTT * z.c, cat)
-        if z.attn_drop:
-            t.free(t.alloc(pre + "anoise", BHTT * z.c, cat, saved=keep))
-            dropped = t.alloc(pre + "dprobs", BHTT * z.c, cat)
-            if pv != probs:
-                t.free(pv)
-            pv = dropped
+        if z.attn_drop:  # F.dropout: probs * noise, the noise saved
+            t.free(t.alloc(pre + "anoise", BHTT * a, cat, saved=keep))
+            pv = t.alloc(pre + "dprobs", BHTT * a, cat)
+            t.free(probs)  # the name is rebound
         if keep:
             t.hold(pv, saved=True)
-            t.hold(v, saved=True)
-        out = t.alloc(pre + "o", A * z.c, cat)
-        t.free(scores, mask, probs, pv if pv != probs else None)
+            t.hold(vf, saved=True)
+        out = t.alloc(pre + ("oa" if up else "o"), A * a, cat)
+        if up:  # .to(q.dtype)
+            t.free(out)
+            out = t.alloc(pre + "o", A * z.c, cat)
+        t.free(pv, kf if up else None, vf if up else None)  # locals, released when the function returns
         return out
 
     def attn_forward(self, pre: str, x: str, keep: bool, cat: str, layer: int) -> str:
@@ -470,7 +489,11 @@ class _Step:
         u = self.linear(pre + "up.", n, True, A, z.d * z.ffu, rows * z.ffu, keep, cat, f"W{layer}.up")
         t.free(n)
         act = z.activation
-        if act in GATED_ACTIVATIONS:  # act(a) * b with (a, b) = u.chunk(2): both halves saved (views of u)
+        if z.fused_gate:  # FusedActivation: saves u alone, recomputes act(a) * b in its backward
+            h = t.alloc(pre + "h", rows * z.ff * z.c, cat)
+            if keep:
+                t.hold(u, saved=True)
+        elif act in GATED_ACTIVATIONS:  # act(a) * b with (a, b) = u.chunk(2): both halves saved (views of u)
             ga = t.alloc(pre + "ga", rows * z.ff * z.c, cat, saved=keep)
             h = t.alloc(pre + "h", rows * z.ff * z.c, cat)
             if keep:
@@ -592,7 +615,10 @@ class _Step:
         z, t = self.z, self.t
         ct = self.dropout_backward(pre + "drop.", ct, rows * z.fx, cat)
         dh = self.linear_backward(pre + "down.", ct, pre + "h", f"W{layer}.down", z.ff * z.fx, rows * z.ff, cat)
-        if z.activation in GATED_ACTIVATIONS:
+        if z.fused_gate:  # one kernel writes du from dh and u
+            du = t.alloc(pre + "du", rows * z.ffu * z.c, cat)
+            t.free(dh, pre + "up.out")
+        elif z.activation in GATED_ACTIVATIONS:
             dga = t.alloc(pre + "dga", rows * z.ff * z.c, cat)
             db = t.alloc(pre + "db", rows * z.ff * z.c, cat)
             t.free(dh, pre + "ga", pre + "up.out")
@@ -659,7 +685,7 @@ class _Step:
 
     def attn_backward(self, pre: str, ct: str, x: str, layer: int, cat: str) -> str:
         """Backward of a kept attention block from its output cotangent; returns dx (stream dtype)."""
-        z, t = self.z, self.t
+        z = self.z
         A = z.A
         if len(z.head_counts()) > 1:
             return self.attn_backward_chunked(pre, ct, x, layer, cat)
@@ -745,7 +771,7 @@ class _Step:
         return full
 
     def attn_half_backward_chunked(self, pre: str, layer: int, x: str) -> str:
-        """AttentionBlock.additive_half_backward (the engine's F half for an additive coupling, no random
+        """AttentionBlock.additive_vjp (the engine's F half for an additive coupling, no random
         draws, more than one head chunk), under the replayed autocast: the norm with its graph, do = dy @
         W_proj, then per chunk attend_heads with its graph and at once its backward (autograd.grad, the
         cotangent a copy of do's slice laid out like the output), the chunks' cotangents of h added into
@@ -794,7 +820,7 @@ class _Step:
             t.hold(dh)
             dn = dh
         dx = self.ln_backward(pre, dn, x, z.N, cat, f"W{layer}.ln1")
-        t.free(h, dh)  # additive_half_backward returns
+        t.free(h, dh)  # additive_vjp returns
         self.exit_autocast()  # the replayed autocast exits: its cache (W_proj's copy) goes
         return dx
 
@@ -815,30 +841,36 @@ class _Step:
             t.free(q, k, v, a + "o", a + "lse", do)
         elif z.attention == "math":
             dq, dk, dv = self.math_backward(pre, do, v, cat, heads)
-        else:
+        else:  # the reference's autograd graph, from the output's cast back to q, k, v's casts
             BHTT = z.B * h * z.T * z.T
-            dv = t.alloc(pre + "dv", A * z.c, cat)
-            dp = t.alloc(pre + "dp", BHTT * z.c, cat)
-            pv = a + ("dprobs" if z.attn_drop else ("probs_c" if a + "probs_c" in t.live else "probs"))
-            t.free(do, pv, v)
+            ac = 8 if z.c == 8 else 4
+            up = z.c != ac
+            if up:  # ToCopyBackward of the output cast
+                d32 = t.alloc(pre + "do_acc", A * ac, cat)
+                t.free(do)
+                do = d32
+            dv = t.alloc(pre + "dv", A * ac, cat)
+            dp = t.alloc(pre + "dp", BHTT * ac, cat)
+            t.free(do, a + ("dprobs" if z.attn_drop else "probs"), a + "vf" if up else v)
             if z.attn_drop:
-                dp2 = t.alloc(pre + "dp_drop", BHTT * z.c, cat)
+                dp2 = t.alloc(pre + "dp_drop", BHTT * ac, cat)
                 t.free(dp, a + "anoise")
                 dp = dp2
-            sm = t.live[a + "probs"][0] // BHTT
-            if sm != z.c:  # ToCopyBackward of autocast's cast of the fp32 probabilities
-                dp2 = t.alloc(pre + "dp32", BHTT * sm, cat)
-                t.free(dp)
-                dp = dp2
-            ds = t.alloc(pre + "dsm", BHTT * sm, cat)
-            t.free(a + "probs", dp)
-            dm = t.alloc(pre + "dmasked", BHTT * z.c, cat)
+            ds = t.alloc(pre + "dsm", BHTT * ac, cat)
+            t.free(dp, a + "probs")
+            dm = t.alloc(pre + "dmasked", BHTT * ac, cat)  # masked_fill_'s backward: out of place
             t.free(ds, a + "notmask")
-            dd = t.alloc(pre + "ddiv", BHTT * z.c, cat)
+            dd = t.alloc(pre + "dscale", BHTT * ac, cat)  # mul_'s backward
             t.free(dm)
-            dq = t.alloc(pre + "dq", A * z.c, cat)
-            dk = t.alloc(pre + "dk", A * z.c, cat)
-            t.free(dd, q, k)
+            dq = t.alloc(pre + "dq", A * ac, cat)
+            dk = t.alloc(pre + "dk", A * ac, cat)
+            t.free(dd, a + "qf" if up else q, a + "kf" if up else k)
+            if up:  # ToCopyBackward of each input's cast (same sizes, so their order does not matter)
+                cast = []
+                for n, g in (("dq_c", dq), ("dv_c", dv), ("dk_c", dk)):
+                    cast.append(t.alloc(pre + n, A * z.c, cat))
+                    t.free(g)
+                dq, dv, dk = cast
         dq = self.rope_backward(pre + "bq.", dq, cat, heads)
         dk = self.rope_backward(pre + "bk.", dk, cat, heads)
         st = t.alloc(pre + "dqkv_stack", 3 * A * z.c, cat)  # UnbindBackward: stack(dq, dk, dv)
@@ -929,7 +961,7 @@ class _Step:
         return dx, dfx
 
     def head_chunked_half(self) -> bool:
-        """Whether the engine runs the F half through AttentionBlock.additive_half_backward
+        """Whether the engine runs the F half through AttentionBlock.additive_vjp
         (engine.head_chunked_half): more than one head chunk, a coupling with the "additive" capability, and
         no random draws (no dropout in training). Compiled blocks take the generic half, not modelled apart."""
         z = self.z
@@ -1093,6 +1125,16 @@ class CostModel:
         self.sizes = _sizes(config, self.workload)
         self._memo: dict[tuple, StepMemory] = {}
 
+    def kernel_alternatives(self) -> list[tuple[str, str, ModelConfig]]:
+        """(category, suggestion, config) for each torch option whose better choice saves memory (the
+        advisor weighs them): today the fused attention kernels where the config pins slower ones."""
+        opts = options(self.config)
+        if opts.attention == "sdpa" and opts.use_flash_attention:
+            return []
+        fused = with_backend_options(self.config, "torch", TorchOptions, attention="sdpa", use_flash_attention=True)
+        return [("attention", "use the fused attention kernels (backend_options={'torch': {'attention': 'sdpa', "
+                 "'use_flash_attention': True}}): no (T, T) score matrix is stored", fused)]
+
     def with_workload(self, **changes) -> "CostModel":
         return CostModel(self.config, replace(self.workload, **changes))
 
@@ -1226,12 +1268,14 @@ class CostModel:
             else:
                 t.alloc("grad.head", z.V * z.d * z.p, "gradients")
                 t.free("dw")
-        else:
-            dh2 = t.alloc("dh2", z.A * z.s, "loss_head")
-            a = max(z.c, 4)
-            dwg = t.alloc("dw_grad", z.V * z.d * a, "loss_head") if a != z.p else None  # dw * grad, then .to(p)
-            t.alloc("grad.head", z.V * z.d * z.p, "gradients")
-            t.free(dwg, "dh", "dw")
+        else:  # the same in place scaling; dW is the head's .grad when already in the parameter dtype
+            dh2 = "dh"
+            if max(z.c, 4) == z.p:
+                t.free("dw")
+                t.alloc("grad.head", z.V * z.d * z.p, "gradients")
+            else:
+                t.alloc("grad.head", z.V * z.d * z.p, "gradients")
+                t.free("dw")
         t.set_label("final norm backward")
         dmean = st.ln_backward("final.", dh2, mean, z.N, "streams", "final_norm")
         dy2 = t.alloc("dy2_top", z.A * z.s, "streams")  # each MulBackward(0.5): a buffer per stream
@@ -1266,10 +1310,12 @@ class CostModel:
         t.free(h)
 
     def _loss_forward(self, t: Tape, h: str) -> None:
+        targets = t.alloc("targets", self.sizes.N * 8, "loss_head")  # shift_targets: model.forward's local
         if self.sizes.loss_fused:
             self._fused_loss_forward(t)
         else:
             self._chunked_loss_forward(t)
+        t.free(targets)  # model.forward returns
 
     def _fused_loss_forward(self, t: Tape) -> None:
         """revnet_kernels' linear_cross_entropy_forward (Triton): dh (N, d) and the padded fp32 dW kept on ctx
@@ -1298,48 +1344,39 @@ class CostModel:
         t.free(dh, dw)
 
     def _chunked_loss_forward(self, t: Tape) -> None:
-        """_ChunkedLinearCrossEntropy.forward: keeps dh (N, d) and dW (V, d) in the accumulation dtype (fp32,
-        fp64 in fp64 runs); logits chunk by chunk.
-
-        The loop's names (g, gc, lse) are rebound per chunk, so the previous chunk's g and gc are still
-        alive while the next chunk's logits are computed: the steady state holds two chunks' worth.
-        """
+        """revnet_kernels' chunked linear cross-entropy (``cross_entropy._chunked_forward``): dh (N, d) and dW
+        (V, d) in the accumulation dtype (fp32, fp64 in fp64 runs) kept on ctx (not saved tensors); a
+        compute-dtype weight copy for the call; one chunk's tensors at a time (``_chunk_pass`` returns before
+        the next chunk starts), so the first, full chunk shows the peak."""
         z = self.sizes
         a = max(z.c, 4)  # promote_types(compute dtype, fp32)
-        valid = t.alloc("valid", z.N, "loss_head")
-        dh = t.alloc("dh", z.A * z.s, "loss_head", saved=True)
-        dw = t.alloc("dw", z.V * z.d * a, "loss_head", saved=True)
-        w = t.alloc("head_w_c", z.V * z.d * z.c, "loss_head") if z.c != z.p else None
         n = min(z.head_chunk, z.N)
-        chunks = math.ceil(z.N / n)
-        prev: list[str | None] = []
-        for k in range(min(chunks, 2)):  # the second chunk shows the steady state
-            p = f"head{k}."
-            hc = t.alloc(p + "hc", n * z.d * z.c, "loss_head") if z.c != z.s else None
-            lg = t.alloc(p + "logits_c", n * z.V * z.c, "loss_head")
-            t.free(hc)
-            if z.c != a:
-                lga = t.alloc(p + "logits", n * z.V * a, "loss_head")
-                t.free(lg)
-                lg = lga
-            # logsumexp: exp(logits - max) and its sum: two (n, V) temporaries.
-            t.free(t.alloc(p + "lse_a", n * z.V * a, "loss_head"), t.alloc(p + "lse_b", n * z.V * a, "loss_head"))
-            lse = t.alloc(p + "lse", n * a, "loss_head")
-            sub = t.alloc(p + "sub", n * z.V * a, "loss_head")
-            g = t.alloc(p + "g", n * z.V * a, "loss_head")
-            t.free(sub)
-            t.free(*(prev[0:1]))  # rebinding g frees the previous chunk's
-            t.free(lg)  # del logits
-            gc = t.alloc(p + "gc", n * z.V * z.c, "loss_head") if z.c != a else None
-            t.free(*(prev[1:3]))  # the previous gc and lse
-            mm = t.alloc(p + "dh_mm", n * z.d * z.c, "loss_head")  # (gc @ w), then .to(h.dtype)
-            t.free(t.alloc(p + "dh_s", n * z.d * z.s, "loss_head") if z.c != z.s else None, mm)
-            hc2 = t.alloc(p + "hc2", n * z.d * z.c, "loss_head") if z.c != z.s else None
-            dwc = t.alloc(p + "dw_c", z.V * z.d * z.c, "loss_head")  # gc.T @ hc, then .to(acc)
-            dwa = t.alloc(p + "dw_a", z.V * z.d * a, "loss_head") if z.c != a else None
-            t.free(dwc, dwa, hc2)
-            prev = [g, gc, lse]
-        t.free(*prev, valid, w, dh, dw)  # locals go when forward returns; ctx keeps dh, dW
+        valid = t.alloc("ce_valid", z.N, "loss_head")
+        dh = t.alloc("dh", z.A * z.s, "loss_head")
+        dw = t.alloc("dw", z.V * z.d * a, "loss_head")
+        w = t.alloc("ce_w", z.V * z.d * z.c, "loss_head") if z.c != z.p else None
+        hc = t.alloc("ce_hc", n * z.d * z.c, "loss_head") if z.c != z.s else None
+        lg = t.alloc("ce_logits_c", n * z.V * z.c, "loss_head")  # hc @ wc.T, then .to(acc)
+        if z.c != a:
+            la = t.alloc("ce_logits", n * z.V * a, "loss_head")
+            t.free(lg)
+            lg = la
+        # logsumexp: the row max, then exp(logits - max) as one (n, V) temporary to sum
+        mx = t.alloc("ce_max", n * a, "loss_head")
+        sub = t.alloc("ce_lse_sub", n * z.V * a, "loss_head")
+        lse = t.alloc("ce_lse", n * a, "loss_head")
+        t.free(sub, mx)
+        safe_t = t.alloc("ce_safe_t", n * 8, "loss_head")  # the targets with ignored rows at 0 (int64)
+        # the gradient overwrites the logits in place; its compute-dtype copy feeds the two matmuls
+        g = t.alloc("ce_g", n * z.V * z.c, "loss_head") if z.c != a else None
+        t.free(t.alloc("ce_dh_mm", n * z.d * z.c, "loss_head"))  # g @ wc, copied into dh's rows
+        if z.c != a:  # dw += g.T @ hc: the product in the compute dtype; CPU casts it to a temporary to add
+            part = t.alloc("ce_dw_part", z.V * z.d * z.c, "loss_head")
+            t.free(t.alloc("ce_dw_cast", z.V * z.d * a, "loss_head") if z.device == "cpu" else None, part)
+        t.free(hc, lg, lse, safe_t, g)  # _chunk_pass returns
+        t.hold(dh)
+        t.hold(dw)  # ctx.grads
+        t.free(valid, w, dh, dw)  # locals go when forward returns
 
     # --- what the planner and the tests ask -----------------------------------------------------------
     def saved_bytes(self, policies: Sequence[str] | str) -> int:

@@ -2,8 +2,10 @@
 
 ``ReversibleGradientChecker`` compares, layer by layer, the gradients of the reversible backward (inputs
 rebuilt from outputs) with plain autograd's (activations stored), in float64 on a copy of the model.
-``StabilityAnalyzer`` measures gradient norms, stream statistics and how well each layer's inverse rebuilds
-its input. ``CommonPitfalls`` reads a model and a training config and names what will go wrong.
+``StabilityAnalyzer`` measures gradient norms, stream statistics, how well each layer's inverse rebuilds
+its input, and what that costs the whole stack: the layer-0 input as the reversible backward rebuilds it
+through every layer, and the parameter gradients of ``reverse`` against ``store``. ``CommonPitfalls``
+reads a model and a training config and names what will go wrong.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import engine
 from .engine import run_layers
 from .layers import PairCoupling, ReversibleLayer
 
@@ -151,7 +154,10 @@ class StabilityReport:
     ``grad_norms``: total gradient norm of each pass; ``activation_stats``: per layer, the mean, std and max
     |value| of its two output streams over all passes; ``reconstruction_error``: per layer, the worst
     max |inverse(layer(x)) - x| relative to max(|x|, 1); ``nonfinite``: whether any loss, gradient or stream
-    was inf or NaN.
+    was inf or NaN. Whole stack, worst over the passes (None when not checked): ``stack_drift``, the
+    layer-0 input rebuilt by the reversible backward through every layer, max |error| / max|x|;
+    ``gradient_gap``, the relative L2 distance of all parameter gradients of ``reverse`` from ``store``'s.
+    Per-layer errors do not add up to these: each error is amplified by the reconstruction below it.
     """
 
     num_forward_passes: int
@@ -159,6 +165,8 @@ class StabilityReport:
     activation_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     reconstruction_error: dict[str, float] = field(default_factory=dict)
     nonfinite: bool = False
+    stack_drift: float | None = None
+    gradient_gap: float | None = None
 
     @property
     def max_grad_norm(self) -> float | None:
@@ -177,6 +185,9 @@ class StabilityReport:
             rec = self.reconstruction_error.get(name)
             extra = f", reconstruction error {rec:.3g}" if rec is not None else ""
             lines.append(f"{name}: mean {s['mean']:.4g}, std {s['std']:.4g}, max {s['max']:.4g}{extra}")
+        if self.stack_drift is not None:
+            lines.append(f"whole stack: layer-0 input rebuilt with drift {self.stack_drift:.3g} of max|x|, "
+                         f"reverse vs store gradient gap {self.gradient_gap:.3g} (relative L2)")
         if self.nonfinite:
             lines.append("NON-FINITE values seen")
         return "\n".join(lines)
@@ -221,9 +232,11 @@ class StabilityAnalyzer:
         return ids.to(_first_param(self.model).device)
 
     def analyze(self, num_forward_passes: int = 10, check_gradient_norm: bool = True,
-                check_activation_stats: bool = True) -> StabilityReport:
+                check_activation_stats: bool = True, check_stack: bool = True) -> StabilityReport:
         """Run ``num_forward_passes`` random batches: gradient norms (forward + backward), stream statistics
-        and per-layer reconstruction error (a no-grad walk of the layers in eval mode with each layer's inverse)."""
+        and per-layer reconstruction error (a no-grad walk of the layers in eval mode with each layer's
+        inverse); ``check_stack``: the whole-stack drift and gradient gap (two more forward + backward per
+        pass, in eval mode, under the caller's autocast, the model's exact-streams setting as it trains)."""
         if num_forward_passes < 1:
             raise ValueError(f"{num_forward_passes=} must be >= 1")
         report = StabilityReport(num_forward_passes)
@@ -237,6 +250,10 @@ class StabilityAnalyzer:
                     report.grad_norms.append(self._grad_norm(ids, report))
                 if check_activation_stats:
                     self._walk(ids, moments, report)
+                if check_stack:
+                    drift, gap = self._stack(ids)
+                    report.stack_drift = max(report.stack_drift or 0.0, drift)
+                    report.gradient_gap = max(report.gradient_gap or 0.0, gap)
         if check_activation_stats:
             report.activation_stats = {name: m.stats() for name, m in moments.items()}
         return report
@@ -249,6 +266,32 @@ class StabilityAnalyzer:
         if not (math.isfinite(loss.item()) and math.isfinite(sq)):
             report.nonfinite = True
         return math.sqrt(sq)
+
+    def _stack(self, ids: torch.Tensor) -> tuple[float, float]:
+        """(drift of the rebuilt layer-0 input, reverse vs store gradient gap) on one batch, in eval mode
+        (dropout would draw differently under the two policies; this measures rounding only)."""
+        model = self.model
+        kept = list(model.policies)
+        recorder = _DriftRecorder()
+        model.eval()
+        try:
+            store = self._policy_grads(ids, "store", recorder)
+            reverse = self._policy_grads(ids, "reverse", recorder)  # the engine keeps the truth, compares
+        finally:
+            model.policies = kept
+            model.zero_grad(set_to_none=True)
+        gap = float((reverse - store).norm() / store.norm().clamp_min(1e-300))
+        return max(recorder.drifts, default=0.0), gap
+
+    def _policy_grads(self, ids: torch.Tensor, policy: str, recorder: "_DriftRecorder") -> torch.Tensor:
+        """Every parameter's gradient under ``policy`` for every layer, flattened into one float64 vector."""
+        self.model.set_policy(policy)
+        self.model.zero_grad(set_to_none=True)
+        with engine.watching(recorder):
+            loss = self.model(ids).loss
+        loss.backward()
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).double().flatten()
+                          for p in self.model.parameters() if p.requires_grad])
 
     @torch.no_grad()
     def _walk(self, ids: torch.Tensor, moments: dict[str, _Moments], report: StabilityReport) -> None:
@@ -266,6 +309,16 @@ class StabilityAnalyzer:
             if not (torch.isfinite(y1).all() and torch.isfinite(y2).all()):
                 report.nonfinite = True
             x1, x2 = y1, y2
+
+
+class _DriftRecorder:
+    """Takes the engine's drift reports (the drift monitor's interface) without acting on them."""
+
+    def __init__(self):
+        self.drifts: list[float] = []
+
+    def record(self, layers: range, drift: float) -> None:
+        self.drifts.append(drift)
 
 
 class _KeptGrads:

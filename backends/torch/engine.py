@@ -8,11 +8,23 @@ outputs of the layer below. Only the top outputs of a run of reverse layers are 
 
 The recompute replays what the forward saw: the autocast state and dtype, and the CPU/CUDA RNG state
 before each block when the model draws random numbers (dropout).
+
+Exact streams (``exact_streams``): floating-point ``(x + f) - f`` is not ``x``, and under autocast a rebuilt
+stream off by one fp32 ulp flips bf16 roundings in the recomputed block, an error of a bf16 ulp that the
+reconstruction of every layer below compounds. A stack of additive layers therefore runs in fixed point,
+under every policy: its input and every block output are rounded to multiples of one power of two ``step``
+(chosen from the input's magnitude, ``EXACT_HEADROOM_BITS`` below the float's range), so every sum is exact
+and the rebuilt inputs are the forward's bit for bit at any depth. Gradients pass the rounding unchanged
+(docs/numerics.md measures both).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,11 +33,12 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from revnet_core import policies as policies_table
+from revnet_core.couplings import BaseCoupling
 from revnet_core.errors import ConfigError, ReversibilityError
 from revnet_core.sweep import (LayerSpec, backward_step, forward_step, half_backward, has_capability,
                                pair_backward_step)
 
-from .layers import PairCoupling, ReversibleLayer
+from .layers import PairCoupling, ReversibleLayer, _Checkpointed
 
 
 @dataclass(frozen=True)
@@ -148,21 +161,164 @@ def chunked_half(block: _Block, coupling, u, y, dy, vjp, coupling_autodiff, over
     return y, dy, du, dparams
 
 
-def head_chunked_half(block: _Block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite: bool):
-    """The F half through the block's own head-chunked backward where it has one and it applies: a
-    coupling with the "additive" capability (revnet_core.couplings.CAPABILITIES: the chunks' cotangents need
-    not wait for F), an attention run over more than one head chunk, no random draws to replay, and an eager
-    module (a compiled forward would not be the function the eager chunks compute bit for bit). Otherwise
-    ``half_backward``.
+def head_chunked_vjp(block: _Block, u, dy, settle):
+    """``revnet_core.sweep.half_backward``'s ``additive_vjp`` for the F half: the block's own head-chunked
+    backward (``AttentionBlock.additive_vjp``) where it has one and it applies: attention over more than one
+    head chunk, no random draws to replay, and an eager module (a compiled forward would not be the function
+    the eager chunks compute bit for bit). Otherwise NotImplemented, and the sweep takes the general path.
     """
     module = block.module
-    fast = getattr(module, "additive_half_backward", None)
-    if (fast is not None and overwrite and has_capability(coupling, "additive") and not block.record_rng
-            and getattr(module, "_compiled_call_impl", None) is None
-            and len(module.head_chunks(u.shape[0], u.shape[-2])) > 1):
-        with block.autocast.replay():
-            return fast(u, y, dy, block.params)
-    return half_backward(block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite)
+    fast = getattr(module, "additive_vjp", None)
+    if (fast is None or block.record_rng or getattr(module, "_compiled_call_impl", None) is not None
+            or len(module.head_chunks(u.shape[0], u.shape[-2])) == 1):
+        return NotImplemented
+    with block.autocast.replay():
+        return fast(u, dy, block.params, settle)
+
+
+def head_chunked_half(block: _Block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite: bool):
+    """The F half: ``half_backward`` offered the head-chunked pass (taken for additive couplings) when the
+    engine owns y and dy, whose memory the chunked pass rebuilds the stream in."""
+    return half_backward(block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite,
+                         additive_vjp=head_chunked_vjp if overwrite else None)
+
+
+# Sums stay exact while the streams stay below 2**EXACT_HEADROOM_BITS times the stack's input
+# (max|x|); the step is then 6e-5 to 1.2e-4 of it in fp32 (2**(10 - 24) of the power of two above max|x|),
+# far under a bf16 rounding of a block's output (2**-9 of it). Past that range sums round as plain floats do.
+EXACT_HEADROOM_BITS = 10
+INVERSE_CHUNK = 1 << 22  # elements of one fixed-point temporary in the in-place inverse (16 MiB in fp32)
+_EXACT = contextvars.ContextVar("revnet_exact_streams", default="auto")
+_MONITOR = contextvars.ContextVar("revnet_drift_monitor", default=None)
+
+
+@contextlib.contextmanager
+def exact_streams(mode: bool | str):
+    """Within the block, ``run_layers`` takes ``mode`` (True | False | "auto") as its ``exact_streams``."""
+    token = _EXACT.set(mode)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
+@contextlib.contextmanager
+def watching(monitor):
+    """Within the block, each reverse segment ``run_layers`` builds keeps a copy of its bottom input and,
+    once its backward has rebuilt that input, calls ``monitor.record(layers: range, drift: float)`` with
+    max |rebuilt - kept| / max|kept| (``revnet_torch.drift``)."""
+    token = _MONITOR.set(monitor)
+    try:
+        yield
+    finally:
+        _MONITOR.reset(token)
+
+
+def exact_wanted(mode: bool | str, x: torch.Tensor) -> bool:
+    """``exact_streams`` resolved: "auto" means on where blocks run under autocast, in a float narrower
+    than the streams (where the drift is a bf16/fp16 rounding, not an fp32 one)."""
+    if mode != "auto":
+        return bool(mode)
+    dev = x.device.type
+    return (torch.is_autocast_enabled(dev)
+            and torch.finfo(torch.get_autocast_dtype(dev)).bits < torch.finfo(x.dtype).bits)
+
+
+def fixed_point_step(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """The power of two every stream value of an exact stack is a multiple of: a 0-d tensor in the stream
+    dtype, 2**(e + EXACT_HEADROOM_BITS - mantissa bits) with max|x1|, |x2| < 2**e (no host sync)."""
+    amax = torch.maximum(_amax(x1), _amax(x2))
+    _, e = torch.frexp(amax)
+    return torch.ldexp(torch.ones_like(amax), e + EXACT_HEADROOM_BITS - _precision(x1.dtype))
+
+
+def _precision(dtype: torch.dtype) -> int:
+    """Significand bits of a float dtype, the implicit one included (24 for float32)."""
+    return 1 - int(math.log2(torch.finfo(dtype).eps))
+
+
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    """max|x| as a 0-d tensor, without an |x|-sized temporary."""
+    if not x.numel():
+        return x.new_zeros(())
+    lo, hi = torch.aminmax(x.detach())
+    return torch.maximum(-lo, hi)
+
+
+def snap(x: torch.Tensor, step: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded to the nearest multiple of ``step`` (ties to even), as a new tensor of ``dtype``: exact
+    scalings by a power of two around one rounding."""
+    return x.to(dtype, copy=True).div_(step).round_().mul_(step)
+
+
+class _Snap(torch.autograd.Function):
+    """``snap`` with the identity as its derivative (the rounding is not differentiated)."""
+
+    @staticmethod
+    def forward(ctx, x, step):
+        return snap(x, step, x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+class _FixedAdd(torch.autograd.Function):
+    """``x + snap(fx)`` in x's dtype; its derivative is the additive coupling's (dy to both), saving nothing."""
+
+    @staticmethod
+    def forward(ctx, x, fx, step):
+        return snap(fx, step, x.dtype).add_(x)  # the new tensor becomes y: one allocation, like x + fx
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, dy, None
+
+
+class FixedPointAdditive(BaseCoupling):
+    """``y = x + snap(fx)`` with x on the grid of ``step``: the sum is exact while |y| < 2**mantissa * step,
+    so ``inverse`` gives x back bit for bit. Cotangents pass unchanged (the gradient is the additive
+    coupling's), in every policy: store, checkpoint and reverse compute the same function."""
+
+    name = "additive"
+    capabilities = frozenset({"additive"})
+
+    def __init__(self, step: torch.Tensor):
+        self.step = step
+
+    def forward(self, x, fx):
+        return _FixedAdd.apply(x, fx, self.step)
+
+    def inverse(self, y, fx):
+        return y - snap(fx, self.step, y.dtype)
+
+    def inverse_(self, y, fx):
+        # over sequence chunks: the rounded copy of fx is a temporary, bounded to INVERSE_CHUNK elements
+        T = y.shape[-2]
+        rows = max(1, INVERSE_CHUNK // max(1, y[..., :1, :].numel()))
+        for s in range(0, T, rows):
+            y[..., s:s + rows, :] -= snap(fx[..., s:s + rows, :], self.step, y.dtype)
+        return y
+
+    def vjp(self, x, fx, dy):
+        return dy, dy
+
+
+def exact_spec(layer: ReversibleLayer, step: torch.Tensor, recompute: str = "") -> LayerSpec:
+    """The layer in fixed point (``ReversibleLayer.forward``'s spec with ``FixedPointAdditive`` couplings);
+    ``recompute`` ("attention" | "ffn") runs that block under torch.utils.checkpoint."""
+    spec = layer.spec()
+    f, g = spec.f, spec.g
+    if recompute == "attention":
+        f = _Checkpointed(f)
+    elif recompute == "ffn":
+        g = _Checkpointed(g)
+    coupling = FixedPointAdditive(step)
+    return LayerSpec(f, g, coupling, coupling)
+
+
+def _exact_layer_forward(layer: ReversibleLayer, step: torch.Tensor, x1, x2):
+    return forward_step(x1, x2, exact_spec(layer, step))
 
 
 class Segment:
@@ -180,6 +336,19 @@ class Segment:
         self.outputs_owned = False
         self.top_grads_private = False  # the caller's graph hands the top cotangents to us alone
         self.handed_down: tuple[int, int] | None = None  # data pointers of the cotangents we returned
+        self.layers = range(0)  # the indices of its layers
+        self.grid: torch.Tensor | None = None  # exact streams: the fixed-point step (None: plain floats)
+        self.peak: torch.Tensor | None = None  # exact streams: max |stream| its forward produced
+        self.monitor = None  # a drift monitor watching this forward (revnet_torch.drift), or None
+        self.truth: tuple[torch.Tensor, torch.Tensor] | None = None  # the bottom input, kept for the monitor
+
+    def check_range(self) -> None:
+        """Exact streams: warn once per backward if a stream left the fixed-point range (sums rounded)."""
+        if self.peak is not None and bool(self.peak >= self.grid * 2.0 ** _precision(self.peak.dtype)):
+            warnings.warn(f"exact streams: layers {self.layers.start}-{self.layers.stop - 1} grew past "
+                          f"2**{EXACT_HEADROOM_BITS} times the stack's input, where fixed-point sums round; this "
+                          "backward rebuilt them like plain floats", RuntimeWarning, stacklevel=4)
+        self.peak = None
 
     def owned_grads(self, dy1: torch.Tensor, dy2: torch.Tensor) -> bool:
         ptrs = (dy1.data_ptr(), dy2.data_ptr())
@@ -216,9 +385,16 @@ class _Run:
         self.bottom = bottom
 
     def forward(self, x1, x2):
+        seg = self.segment
+        if seg.monitor is not None and self.bottom:  # the truth the rebuilt bottom input is compared with
+            t1 = x1.detach().clone()
+            seg.truth = (t1, t1 if x2 is x1 else x2.detach().clone())
         y1, y2 = self.step(x1, x2)
-        self.segment.outputs = (y1.detach(), y2.detach())  # detached: no cycle through our own graph node
-        self.segment.owner = self.index
+        if seg.grid is not None:
+            top = torch.maximum(_amax(y1), _amax(y2))
+            seg.peak = top if seg.peak is None else torch.maximum(seg.peak, top)
+        seg.outputs = (y1.detach(), y2.detach())  # detached: no cycle through our own graph node
+        seg.owner = self.index
         return y1, y2
 
     def backward(self, dy1, dy2):
@@ -231,8 +407,16 @@ class _Run:
             )
         y1, y2 = seg.outputs
         seg.outputs = None
+        if seg.peak is not None:
+            seg.check_range()
         x1, x2, dx1, dx2, dparams = self.step_back(y1, y2, dy1, dy2, seg)
         del y1, y2, dy1, dy2
+        if self.bottom and seg.truth is not None:
+            t1, t2 = seg.truth
+            seg.truth = None
+            scale = torch.maximum(_amax(t1), _amax(t2)).clamp_min(torch.finfo(t1.dtype).tiny)
+            drift = torch.maximum(_amax(x1 - t1), _amax(x2 - t2)) / scale
+            seg.monitor.record(seg.layers, float(drift))
         if not self.bottom:
             seg.outputs, seg.owner, seg.outputs_owned = (x1, x2), self.index - 1, True
             seg.handed_down = (dx1.data_ptr(), dx2.data_ptr())
@@ -248,7 +432,10 @@ class _LayerRun(_Run):
         spec = layer.spec()
         self.f = _Block(spec.f, autocast, record_rng)
         self.g = _Block(spec.g, autocast, record_rng)
-        self.spec = LayerSpec(self.f, self.g, spec.cf, spec.cg)
+        cf, cg = spec.cf, spec.cg
+        if segment.grid is not None:
+            cf = cg = FixedPointAdditive(segment.grid)
+        self.spec = LayerSpec(self.f, self.g, cf, cg)
         self.params = self.f.params + self.g.params
 
     def step(self, x1, x2):
@@ -322,8 +509,14 @@ def needs_rng(module: torch.nn.Module) -> bool:
     return False
 
 
+def exact_layer(layer) -> bool:
+    """Whether a layer can run in fixed point: a ReversibleLayer whose two couplings are additive."""
+    return isinstance(layer, ReversibleLayer) and all(
+        has_capability(c, "additive") for c in (layer.attn.coupling, layer.ffn.coupling))
+
+
 def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: torch.Tensor, x2: torch.Tensor,
-               *, private_outputs: bool = False):
+               *, private_outputs: bool = False, exact_streams: bool | str | None = None):
     """Run the stack: (x1, x2) -> (y1, y2), each (B, T, d), one policy per layer.
 
     Every policy of ``revnet_core.policies`` is implemented here: reverse: no activations kept (rebuilt from
@@ -332,16 +525,28 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
     stored layer whose attention (FFN) block alone runs under torch.utils.checkpoint.
     ``private_outputs``: the caller keeps no
     reference to (y1, y2) or to their cotangents, so the backward may rebuild streams and accumulate
-    cotangents in their memory.
+    cotangents in their memory. ``exact_streams`` (True | False | "auto": on under autocast; None: the
+    ``exact_streams`` context's, "auto" outside one): a stack of additive layers runs in fixed point under
+    every policy (the module docstring): the same function whatever the policies, and reverse layers
+    rebuild their inputs bit for bit.
     """
     grad = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad or any(
         p.requires_grad for layer in layers for p in layer.parameters()))
     autocast = AutocastState.capture(x1.device.type)
+    grid = None
+    mode = _EXACT.get() if exact_streams is None else exact_streams
+    if exact_wanted(mode, x1) and all(map(exact_layer, layers)):
+        grid = fixed_point_step(x1, x2)
+        x1s = _Snap.apply(x1, grid)  # onto the grid: new tensors, the caller's stay as they are
+        x1, x2 = x1s, (x1s if x2 is x1 else _Snap.apply(x2, grid))
+        del x1s  # the copies live only as long as the layers need them
     segment = None
     for i, (layer, policy) in enumerate(zip(layers, policies)):
         if policy == "reverse" and grad:
             if segment is None:
                 segment, bottom = Segment(), True
+                end = next((j for j in range(i, len(policies)) if policies[j] != "reverse"), len(policies))
+                segment.layers, segment.grid, segment.monitor = range(i, end), grid, _MONITOR.get()
             else:
                 bottom = False
             kind = _PairRun if isinstance(layer, PairCoupling) else _LayerRun
@@ -350,12 +555,20 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
             continue
         segment = None
         recomputes = policies_table.BY_NAME[policies_table.check(policy)].recomputes
+        if recomputes and recomputes != "layer" and not isinstance(layer, ReversibleLayer):
+            raise ConfigError(f"layer {i}: policy={policy!r} recomputes one block of a ReversibleLayer; "
+                              f"{type(layer).__name__} has no {recomputes} block (use 'checkpoint')")
         if recomputes == "layer" and grad:  # checkpoint
-            x1, x2 = checkpoint(layer, x1, x2, use_reentrant=False)
-        elif recomputes and recomputes != "layer":  # one block of a stored layer: recompute_attention/_ffn
-            if not isinstance(layer, ReversibleLayer):
-                raise ConfigError(f"layer {i}: policy={policy!r} recomputes one block of a ReversibleLayer; "
-                                  f"{type(layer).__name__} has no {recomputes} block (use 'checkpoint')")
+            if grid is None:
+                x1, x2 = checkpoint(layer, x1, x2, use_reentrant=False)
+            else:
+                # the step in a closure, not an argument: checkpoint would keep it as a saved input
+                x1, x2 = checkpoint(functools.partial(_exact_layer_forward, layer, grid), x1, x2,
+                                    use_reentrant=False)
+        elif grid is not None:  # store, or a block recompute (recompute_attention/_ffn)
+            block = recomputes if grad and recomputes != "layer" else ""
+            x1, x2 = forward_step(x1, x2, exact_spec(layer, grid, block))
+        elif recomputes and recomputes != "layer":
             x1, x2 = layer(x1, x2, recompute=recomputes) if grad else layer(x1, x2)
         else:
             x1, x2 = layer(x1, x2)

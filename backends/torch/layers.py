@@ -16,10 +16,12 @@ from torch.utils.checkpoint import checkpoint
 from revnet_core.build import resolve_coupling
 from revnet_core.config import ModelConfig
 from revnet_core.couplings import BaseCoupling
+from revnet_core.policies import check_all
 from revnet_core.registry import get_coupling
 from revnet_core.sweep import LayerSpec, forward_step, inverse_step
 
 from .blocks import AttentionBlock, FeedForwardBlock, Rotary
+from .options import options
 
 
 def as_coupling(coupling) -> BaseCoupling:
@@ -117,10 +119,11 @@ class ReversibleLayer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, rotary: Rotary) -> "ReversibleLayer":
+        opts = options(cfg)
         attn = ReversibleAttention(
             cfg.d_model, cfg.num_heads, resolve_coupling(cfg), attention_dropout=cfg.attention_dropout,
-            dropout=cfg.dropout, norm=cfg.norm, norm_eps=cfg.norm_eps, attention=cfg.attention,
-            use_flash_attention=cfg.use_flash_attention, rotary=rotary, head_chunk=cfg.attn_head_chunk,
+            dropout=cfg.dropout, norm=cfg.norm, norm_eps=cfg.norm_eps, attention=opts.attention,
+            use_flash_attention=opts.use_flash_attention, rotary=rotary, head_chunk=cfg.attn_head_chunk,
             window=cfg.attention_window,
         )
         ffn = ReversibleFFN(
@@ -164,7 +167,8 @@ class ReversibleSequence(nn.Module):
     def __init__(self, layers, policies=None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.policies = list(policies) if policies is not None else ["reverse"] * len(self.layers)
+        # Checked here: run_layers treats any name it does not know as plain autograd, so a typo would run.
+        self.policies = list(check_all("reverse" if policies is None else policies, len(self.layers)))
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor | None = None):
         from .engine import run_layers

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from revnet_core import policies as policy_table
-from revnet_core.config import ModelConfig
+from revnet_core.config import ModelConfig, model_fields
 from revnet_core.errors import InputError
 from revnet_core.inputs import check_id_range, check_length
 
@@ -17,6 +17,7 @@ from .blocks import Rotary, make_norm
 from .engine import run_layers
 from .layers import ReversibleLayer
 from .loss import IGNORE_INDEX, lm_loss, shift_targets
+from .options import TorchOptions, options
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,16 +45,16 @@ class ReversibleTransformer(nn.Module):
     the streams through a final norm, and an untied LM head.
 
     ``ReversibleTransformer(num_layers=24, d_model=1024, num_heads=16, max_seq_len=262144)`` or
-    ``ReversibleTransformer(config)``; every field of ``revnet_core.ModelConfig`` is accepted.
+    ``ReversibleTransformer(config)``; every field of ``revnet_core.ModelConfig`` is accepted, and the torch
+    backend's options (``revnet_torch.options.TorchOptions``: ``use_flash_attention``, ``attention``,
+    ``loss_kernel``) go to the config's torch section.
     """
 
     def __init__(self, config: ModelConfig | None = None, **fields):
         super().__init__()
-        if config is None:
-            config = ModelConfig.from_kwargs(**fields)
-        elif fields:
-            config = config.replace(**fields)
+        config = model_fields(config, fields, "torch", TorchOptions)
         self.config = config
+        self.options = options(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.rotary = Rotary(config.head_dim, config.rope_base)
         self.layers = nn.ModuleList(ReversibleLayer.from_config(config, self.rotary) for _ in range(config.num_layers))
@@ -99,6 +100,8 @@ class ReversibleTransformer(nn.Module):
             ids = ids[None]
         if ids.dim() != 2:
             raise InputError(f"{what} must have shape (batch, seq) or (seq,), got {tuple(ids.shape)}")
+        if ids.shape[0] == 0:
+            raise InputError(f"{what} has batch size 0 (shape {tuple(ids.shape)}): pass at least one sequence")
         check_length(ids.shape[1], self.config.max_seq_len, what)
         return ids
 
@@ -117,7 +120,9 @@ class ReversibleTransformer(nn.Module):
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (B, T, d) of validated ids."""
         x1, x2 = self.streams(input_ids)
-        y1, y2 = run_layers(self.layers, self.policies, x1, x2, private_outputs=True)
+        exact = self.options.exact_streams  # "auto" defers to an engine.exact_streams context, if any
+        y1, y2 = run_layers(self.layers, self.policies, x1, x2, private_outputs=True,
+                            exact_streams=None if exact == "auto" else exact)
         # y1*0.5 + y2*0.5 rounds exactly like (y1 + y2)*0.5 (halving is exact) but its backward gives each
         # stream a cotangent buffer of its own, which the engine can then reuse in place.
         return self.norm(y1 * 0.5 + y2 * 0.5)
@@ -142,7 +147,7 @@ class ReversibleTransformer(nn.Module):
             if input_ids.shape[1] < 2 and labels is None:
                 raise InputError("next-token loss needs at least 2 tokens (or pass compute_loss=False)")
             targets = shift_targets(input_ids if labels is None else labels.to(torch.int64))
-            loss = lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size, self.config.loss_kernel)
+            loss = lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size, self.options.loss_kernel)
         logits = self.head(h) if return_logits else None
         return ModelOutput(loss=loss, logits=logits, last_hidden_state=h if return_hidden else None)
 

@@ -26,6 +26,7 @@ RECORD = BackendRecord(
     cost="revnet_torch.cost:CostModel",
     scheduler="revnet_torch.scheduler",
     memory="revnet_torch.memory",
+    options="revnet_torch.options:TorchOptions",
     bench_models=BENCH_MODELS,
 )
 

@@ -176,6 +176,7 @@ class _Scheduler:
         self._handles: list = []
         self._restore: list[str] | None = None
         self._pending: tuple | None = None
+        self.forced: dict[int, str] = {}  # layer -> policy that overrides every plan (force_policy)
 
     # --- planning ---------------------------------------------------------------------------------------
     def budget(self) -> int:
@@ -200,6 +201,18 @@ class _Scheduler:
 
     def _make_plan(self, priced: CalibratedCost) -> Plan:  # pragma: no cover - subclasses
         raise NotImplementedError
+
+    def force_policy(self, layers: Iterable[int], policy: str) -> None:
+        """Run ``layers`` under ``policy`` in every later forward, whatever the plan (the drift monitor's
+        fallback, ``revnet_torch.drift``); the forward's predicted bytes are those of the overridden plan."""
+        policy_table.check(policy)
+        layers = list(layers)
+        if layers:
+            self.forced.update(dict.fromkeys(layers, policy))
+            self.adjustments.append(f"layers {layers[0]}-{layers[-1]} forced to {policy!r}")
+
+    def _applied(self, plan: Plan) -> list[str]:
+        return [self.forced.get(i, p) for i, p in enumerate(plan.policies)]
 
     # --- hooks ------------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -228,20 +241,21 @@ class _Scheduler:
         plan = self.plan_for(batch, seq_len)
         priced = self._plans[self._key(batch, seq_len)][1]
         self._restore = list(self.model.policies)
-        self.model.set_policy(plan.policies)  # the engine implements every policy, block recomputes included
+        policies = self._applied(plan)
+        self.model.set_policy(policies)  # the engine implements every policy, block recomputes included
         record = ForwardRecord(batch, seq_len, plan, 0)
         device = next(self.model.parameters()).device
         meter = None
         if self.measure and torch.is_grad_enabled():
             if device.type == "cuda":
                 record.measure = "cuda allocated after forward - before"
-                record.raw_predicted = self._forward_retained(priced, plan)
+                record.raw_predicted = self._forward_retained(priced, policies)
                 meter = torch.cuda.memory_allocated(device)
             elif saved_tensor_hooks_active():
                 record.measure = "not measured: the caller's saved-tensor hooks are active"
             else:
                 record.measure = "saved-tensor bytes"
-                record.raw_predicted = priced.saved_bytes(plan.policies)
+                record.raw_predicted = priced.saved_bytes(policies)
                 ctx = saved_tensor_bytes(exclude=list(self.model.parameters()))
                 meter = (ctx, ctx.__enter__())
             record.predicted_bytes = int(record.raw_predicted * self.activation_scale)
@@ -268,10 +282,10 @@ class _Scheduler:
         return None
 
     @staticmethod
-    def _forward_retained(priced: CalibratedCost, plan: Plan) -> int:
+    def _forward_retained(priced: CalibratedCost, policies: Sequence[str]) -> int:
         """Predicted bytes the forward leaves allocated when the model returns (inside the caller's
         autocast, so its weight cache still counts)."""
-        sim = priced.cm.simulate(plan.policies)
+        sim = priced.cm.simulate(policies)
         return sim.phase_starts.get("forward end", 0) - sim.phase_starts.get("forward", 0)
 
     def _correct(self, record: ForwardRecord) -> None:

@@ -5,36 +5,40 @@ step. AdamW with decoupled weight decay on matrices only, linear warmup then cos
 on by default (deep reversible stacks diverge more readily without it), bf16 autocast on GPU, fp32 on CPU.
 Held-out evaluation reports bits per byte (mean nats / ln 2) for byte-level data. With an ``out_dir`` every
 step goes to ``log.jsonl``, checkpoints to ``checkpoint.pt`` (see ``checkpoint.py``) and a plot of loss and
-memory to ``train.png``. Ctrl-C stops at the end of the current step and saves a checkpoint to resume from.
+memory to ``train.png``. Ctrl-C stops at the end of the current step and saves a checkpoint to resume from;
+a second one abandons the step at once and saves the last complete one; Ctrl-C during a save is held until
+the file is complete. ``precision="fp16"`` trains under fp16 autocast (the streams stay fp32) with a dynamic
+loss scaler whose overflow steps are skipped, counted in the log, and whose state is in the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import platform
+import re
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
-from revnet_core.data import IGNORE_INDEX, Batch, TrainingData, bits, new_generator
+from revnet_core import runlog
+from revnet_core.data import IGNORE_INDEX, TrainingData, bits, dataset_data
 from revnet_core.errors import ConfigError, InputError, RevNetError
+from revnet_core.schedule import cosine_schedule, warmup_steps
+from revnet_core.settings import PRECISIONS
 
 from . import checkpoint as ckpt
 
-PRECISIONS = ("auto", "fp32", "bf16")
-LOG_NAME = "log.jsonl"
-PLOT_NAME = "train.png"
-RESULT_NAME = "run.json"
+read_log = runlog.read_log  # still importable from here: tests/torch/test_checkpoint.py reads run logs with it
 # Config fields that change memory or speed but not the function the model computes: a run may resume with
 # a different value (e.g. a smaller GPU needing another policy).
 _RESUMABLE_CONFIG_FIELDS = ("policy", "loss_chunk_size")
@@ -61,19 +65,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if use_bf16 else None
-    return torch.bfloat16 if precision == "bf16" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def cosine_schedule(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier for the optimizer step about to run (0-based): linear warmup, then cosine to min_ratio."""
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        progress = min(1.0, (i - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+# Overflow steps in a row after which fp16 training is hopeless (the scale has fallen by 2**30).
+MAX_CONSECUTIVE_OVERFLOWS = 30
 
 
 def _cpu_rss_bytes() -> int:
@@ -86,125 +82,13 @@ def _cpu_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-# --- datasets a user passes to ``train`` --------------------------------------------------------------
-def _as_ids(item: Any, where: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """One dataset item -> (ids (T,) int64, labels (T,) or None, units)."""
-    labels = None
-    if isinstance(item, dict):
-        if "input_ids" not in item:
-            raise InputError(f"{where} is a dict without 'input_ids' (keys: {sorted(item)})")
-        labels = item.get("labels")
-        item = item["input_ids"]
-    if isinstance(item, str):
-        if vocab_size < 256:
-            raise InputError(f"{where} is text, which is byte-tokenised (ids 0..255), but the model's "
-                             f"vocab_size is {vocab_size}")
-        return np.frombuffer(item.encode("utf-8"), dtype=np.uint8).astype(np.int64), None, "bytes"
-    if isinstance(item, (bytes, bytearray)):
-        return np.frombuffer(bytes(item), dtype=np.uint8).astype(np.int64), None, "bytes"
-    arr = _int_array(item, where)
-    lab = None if labels is None else _int_array(labels, f"{where} labels")
-    if lab is not None and lab.shape != arr.shape:
-        raise InputError(f"{where}: labels shape {lab.shape} must match input_ids shape {arr.shape}")
-    return arr, lab, "tokens"
-
-
-def _int_array(value: Any, where: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        if value.is_floating_point() or value.is_complex():
-            raise InputError(f"{where} must hold integer token ids, got dtype {value.dtype}")
-        arr = value.detach().cpu().numpy()
-    else:
-        arr = np.asarray(value)
-        if arr.dtype.kind not in "iu":
-            raise InputError(f"{where} must be token ids (an integer tensor, array or list) or a text, "
-                             f"got {type(value).__name__} of dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise InputError(f"{where} must be one sequence of shape (T,), got shape {arr.shape}")
-    return arr.astype(np.int64)
-
-
-def dataset_sequences(dataset: Any, max_length: int, vocab_size: int, what: str):
-    """Sequences of at most ``max_length`` tokens from a torch Dataset (or any sequence) of token-id tensors
-    or dicts with ``input_ids``/``labels``, or a list of texts (UTF-8 bytes). Longer items are cut into
-    consecutive pieces; pieces of one token (no next-token target) are dropped. -> (pieces, units, sha256)."""
-    try:
-        n = len(dataset)
-    except TypeError:
-        raise InputError(f"{what} must support len() and indexing (a torch Dataset or a list), got "
-                         f"{type(dataset).__name__}") from None
-    if isinstance(dataset, (str, bytes)):
-        raise InputError(f"{what} must be a list of texts or a dataset of token-id tensors, not one {type(dataset).__name__}")
-    pieces: list[tuple[np.ndarray, np.ndarray | None]] = []
-    units_seen = set()
-    digest = hashlib.sha256()
-    for i in range(n):
-        ids, labels, units = _as_ids(dataset[i], f"{what}[{i}]", vocab_size)
-        units_seen.add(units)
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-            raise InputError(f"{what}[{i}] holds ids in [{ids.min()}, {ids.max()}], outside the model's "
-                             f"vocabulary [0, {vocab_size})")
-        for start in range(0, ids.size, max_length):
-            piece = ids[start:start + max_length]
-            if piece.size < 2:
-                continue
-            lab = None if labels is None else labels[start:start + max_length]
-            pieces.append((piece, lab))
-            digest.update(piece.tobytes())
-            digest.update(b"\0" if lab is None else lab.tobytes())
-    if not pieces:
-        raise InputError(f"{what} is empty: no item holds two or more tokens")
-    units = "bytes" if units_seen == {"bytes"} else "tokens"
-    return pieces, units, digest.hexdigest()
-
-
-def collate(pieces: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> Batch:
-    """Right-pad to the longest piece: ids with 0, labels with IGNORE_INDEX (padding gets no loss, and causal
-    attention keeps real tokens from seeing it). -> ids (B, T), labels (B, T) or None when nothing is padded."""
-    T = max(p[0].size for p in pieces)
-    if all(p[0].size == T and p[1] is None for p in pieces):
-        return np.stack([p[0] for p in pieces]), None
-    ids = np.zeros((len(pieces), T), dtype=np.int64)
-    labels = np.full((len(pieces), T), IGNORE_INDEX, dtype=np.int64)
-    for row, (x, lab) in enumerate(pieces):
-        ids[row, :x.size] = x
-        labels[row, :x.size] = x if lab is None else lab
-    return ids, labels
-
-
-class EpochSampler:
-    """Batches from a list of pieces in a fresh seeded shuffle each epoch; the state holds the order, the
-    position and the Generator, so a resumed run draws the same batches."""
-
-    def __init__(self, pieces, batch_size: int, seed: int = 0):
-        if batch_size < 1:
-            raise InputError(f"batch_size={batch_size} must be a positive integer")
-        self.pieces = pieces
-        self.batch_size = batch_size
-        self.rng = new_generator(seed)
-        self.order = self.rng.permutation(len(pieces)).tolist()
-        self.pos = 0
-        self.epoch = 0
-
-    def next_batch(self) -> Batch:
-        chosen = []
-        while len(chosen) < self.batch_size:
-            if self.pos == len(self.order):  # next epoch, newly shuffled
-                self.order = self.rng.permutation(len(self.pieces)).tolist()
-                self.pos, self.epoch = 0, self.epoch + 1
-            chosen.append(self.pieces[self.order[self.pos]])
-            self.pos += 1
-        return collate(chosen)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "epochs", "rng": self.rng.bit_generator.state, "order": list(self.order),
-                "pos": self.pos, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "epochs" or len(state["order"]) != len(self.pieces):
-            raise InputError("the saved sampler state does not fit this dataset")
-        self.rng.bit_generator.state = state["rng"]
-        self.order, self.pos, self.epoch = list(state["order"]), int(state["pos"]), int(state["epoch"])
+def _to_numpy(value: Any) -> Any:
+    """A dataset item's tensor as numpy, whatever its device; bfloat16 has no numpy twin, and only the dtype's
+    kind (integer or not) is checked, so floats become float32."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = value.detach().cpu()
+    return (value.float() if value.is_floating_point() else value).numpy()
 
 
 # --- the trainer ----------------------------------------------------------------------------------------
@@ -228,7 +112,8 @@ class LongContextTrainer:
                  precision: str = "auto", eval_every: int | None = None, out_dir: str | os.PathLike | None = None,
                  checkpoint_every: int | None = None, device: str | torch.device | None = None, seed: int = 0,
                  progress: bool = True, plot: bool = True, callbacks: Iterable[Callable] = (),
-                 attention_window_size: int | None = None, use_linear_attention_approximation: bool = False):
+                 attention_window_size: int | None = None, use_linear_attention_approximation: bool = False,
+                 drift_every: int | None = 100):
         if use_linear_attention_approximation:
             raise ConfigError("use_linear_attention_approximation=True: linear attention is not implemented in "
                               "the torch backend yet (attention is exact); leave it False")
@@ -270,6 +155,12 @@ class LongContextTrainer:
         self.device = pick_device(device)
         self.precision = precision
         self.amp_dtype = autocast_dtype(precision, self.device)
+        self.loss_scale: str | float = "dynamic"  # ReversibleAMPTrainer's keyword; a number: the initial scale
+        self.scaler: torch.amp.GradScaler | None = None  # made per fit when amp_dtype is fp16
+        self.overflow_steps = 0
+        self._overflow_run = 0
+        self.announce: Callable[[str], None] | None = None  # where eval and resume lines go without a bar
+        self._snapshot: tuple[dict[str, Any], dict[str, Any]] | None = None  # RNG and sampler at step start
         self.eval_every = eval_every
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.checkpoint_every = checkpoint_every
@@ -277,6 +168,14 @@ class LongContextTrainer:
         self.progress = progress
         self.plot = plot
         self.callbacks = list(callbacks)
+        # The charter's fallback for unstable layers: every ``drift_every`` training forwards the rebuilt
+        # bottom input of each reverse segment is compared with the truth; past the threshold those layers
+        # switch to checkpoint by themselves, and the event goes to the log (None: no monitor).
+        self.drift = None
+        if drift_every and hasattr(model, "layers") and hasattr(model, "policies"):
+            from .drift import DriftMonitor
+
+            self.drift = DriftMonitor(model, every=drift_every)
         self.memory_efficient_optimizer = False
         self.history: list[dict[str, Any]] = []
         self.step = 0
@@ -299,17 +198,9 @@ class LongContextTrainer:
         """
         if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
             raise ConfigError(f"num_epochs={num_epochs!r} must be a positive integer")
-        vocab = self.config.vocab_size
-        pieces, units, sha = dataset_sequences(train_dataset, self.max_length, vocab, "train_dataset")
-        sampler = EpochSampler(pieces, batch_size, self.seed)
-        evals: list[Batch] = []
-        if eval_dataset is not None:
-            eval_pieces, _, _ = dataset_sequences(eval_dataset, self.max_length, vocab, "eval_dataset")
-            evals = [collate(eval_pieces[i:i + batch_size]) for i in range(0, len(eval_pieces), batch_size)]
-        seq_len = max(p[0].size for p in pieces)
-        identity = {"task": "dataset", "source": "user-dataset", "sha256": sha, "pieces": len(pieces)}
-        data = TrainingData(sampler, evals, identity, units, "dataset", seq_len, batch_size)
-        steps = math.ceil(num_epochs * len(pieces) / (batch_size * self.accum))
+        data = dataset_data(train_dataset, eval_dataset, self.max_length, self.config.vocab_size, batch_size,
+                            self.seed, _to_numpy)
+        steps = math.ceil(num_epochs * data.identity["pieces"] / (batch_size * self.accum))
         self.memory_efficient_optimizer = bool(memory_efficient_optimizer)
         return self.fit(data, steps=steps, resume=resume)
 
@@ -340,56 +231,69 @@ class LongContextTrainer:
         if start >= steps:
             raise ConfigError(f"the checkpoint is at step {start}, already at or past steps={steps}; "
                               "ask for more steps to continue")
+        if resume is not None:
+            self._say(f"resumed from step {start} of {os.fspath(ckpt.resolve(resume))}", None)
         self._open_log(data, steps, start)
         last_eval: dict[str, Any] = {}
         bar = self._progress_bar(steps, start)
         peak = 0
         try:
             with self._sigint_stops():
-                for step in range(start + 1, steps + 1):
-                    record = self._train_step(data, step)
-                    peak = max(peak, record["mem_bytes"])
-                    if self.eval_every and step % self.eval_every == 0 or step == steps:
-                        if data.eval_batches:
-                            last_eval = {"kind": "eval", "step": step, **self.evaluate(data)}
-                            self._emit(last_eval)
-                            if self.progress:
-                                bar.write(_eval_line(last_eval), file=sys.stderr)
-                    self.step = step
-                    bar.update(1)
-                    bar.set_postfix_str(f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
-                                        f"peak {peak / 2**20:,.0f} MiB", refresh=False)
-                    for callback in self.callbacks:
-                        callback(self, record)
-                    if self.checkpoint_every and step % self.checkpoint_every == 0 and step != steps:
-                        self.save(data, run_settings)
-                    if self._stop:
-                        break
+                try:
+                    for step in range(start + 1, steps + 1):
+                        record = self._train_step(data, step)
+                        peak = max(peak, record["mem_bytes"])
+                        if self.eval_every and step % self.eval_every == 0 or step == steps:
+                            if data.eval_batches:
+                                last_eval = {"kind": "eval", "step": step, **self.evaluate(data)}
+                                self._emit(last_eval)
+                                self._say(runlog.eval_line(last_eval), bar)
+                        bar.update(1)
+                        bar.set_postfix_str(f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
+                                            f"peak {peak / 2**20:,.0f} MiB", refresh=False)
+                        for callback in self.callbacks:
+                            callback(self, record)
+                        if self.checkpoint_every and step % self.checkpoint_every == 0 and step != steps:
+                            self.save(data, run_settings)
+                        if self._stop:
+                            break
+                except KeyboardInterrupt:  # the second Ctrl-C: the step in flight is dropped, not the others
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._say(f"interrupted: saving step {self.step}", bar)
         finally:
             bar.close()
             self._close_log()
         stopped = self.step < steps
         paths: dict[str, str] = {}
-        if self.out_dir is not None:
-            paths["checkpoint"] = os.fspath(self.save(data, run_settings))
-            paths["log"] = os.fspath(self.out_dir / LOG_NAME)
-            if self.plot:
-                paths["plot"] = os.fspath(plot_log(self.out_dir / LOG_NAME, self.out_dir / PLOT_NAME))
+        with self._sigint_noted() as noted:
+            if self.out_dir is not None:
+                paths["checkpoint"] = os.fspath(self.save(data, run_settings))
+                log = self.out_dir / runlog.LOG_NAME
+                paths["log"] = os.fspath(log)
+                if self.plot:
+                    paths["plot"] = os.fspath(runlog.plot_log(log, self.out_dir / runlog.PLOT_NAME))
+            summary = self._summary(steps, stopped, start if resume else None, last_eval, peak, paths, data)
+        summary["interrupted"] = bool(noted)  # Ctrl-C while the files were written: they were finished first
+        return summary
+
+    def _summary(self, steps: int, stopped: bool, resumed_from: int | None, last_eval: dict[str, Any], peak: int,
+                 paths: dict[str, str], data: TrainingData) -> dict[str, Any]:
         train_records = [r for r in self.history if r.get("kind") == "train"]
         summary = {
-            "step": self.step, "steps": steps, "stopped": stopped,
+            "step": self.step, "steps": steps, "stopped": stopped, "resumed_from": resumed_from,
             "loss": train_records[-1]["loss"] if train_records else None,
             "eval": {k: v for k, v in last_eval.items() if k not in ("kind",)},
+            "overflow_steps": self.overflow_steps,
             "peak_mem_bytes": peak, "mem_kind": self._mem_kind(), "paths": paths,
-            "device": _device_name(self.device), "precision": "bf16" if self.amp_dtype else "fp32",
+            "device": _device_name(self.device), "precision": _precision_name(self.amp_dtype),
             "data": data.identity,
             "policies": _last_policies(self.model),
         }
         if self.out_dir is not None:
             result = {**summary, "environment": environment(self.device), "config": self.config.to_dict(),
                       "trainer": self.hyperparameters()}
-            _write_json(self.out_dir / RESULT_NAME, result)
-            paths["result"] = os.fspath(self.out_dir / RESULT_NAME)
+            runlog.write_json(self.out_dir / runlog.RESULT_NAME, result)
+            paths["result"] = os.fspath(self.out_dir / runlog.RESULT_NAME)
         return summary
 
     @torch.no_grad()
@@ -424,19 +328,23 @@ class LongContextTrainer:
         """Write ``out_dir/checkpoint.pt`` atomically with everything ``fit(resume=...)`` needs."""
         if self.out_dir is None:
             raise ConfigError("no out_dir: the trainer has nowhere to write a checkpoint")
+        # Mid-step (a second Ctrl-C), the RNG and sampler have moved on: save them as the step found them.
+        rng, sampler = self._snapshot or (ckpt.rng_state(), data.sampler.state_dict())
         state = {
             "model_class": type(self.model).__name__,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "data": data.sampler.state_dict(),
+            "rng": rng,
+            "data": sampler,
             "step": self.step,
             "config": self._comparable_config(),
             "model_config": self.config.to_dict(),
             "run": run_settings or self._run_settings(data),
             "trainer": self.hyperparameters(),
         }
+        if self.scaler is not None:
+            state["amp"] = {"scaler": self.scaler.state_dict(), "overflow_steps": self.overflow_steps}
         return ckpt.save_checkpoint(self.out_dir / ckpt.FILENAME, state)
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -458,9 +366,14 @@ class LongContextTrainer:
         elif self.device.type == "cuda":
             options["fused"] = True
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, **options)
-        warmup = self.warmup_steps if self.warmup_steps is not None else min(100, steps // 10)
-        self._warmup = warmup
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(warmup, steps, self.min_lr_ratio))
+        self._warmup = warmup_steps(steps, self.warmup_steps)
+        schedule = cosine_schedule(self._warmup, steps, self.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.overflow_steps = self._overflow_run = 0
+        self.scaler = None
+        if self.amp_dtype == torch.float16:
+            init = {} if self.loss_scale == "dynamic" else {"init_scale": float(self.loss_scale)}
+            self.scaler = torch.amp.GradScaler(self.device.type, **init)
 
     def _run_settings(self, data: TrainingData) -> dict[str, Any]:
         # What must match for a resume to continue the same run (the total number of steps may change).
@@ -482,6 +395,9 @@ class LongContextTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             data.sampler.load_state_dict(state["data"])
+            if self.scaler is not None and "amp" in state:
+                self.scaler.load_state_dict(state["amp"]["scaler"])
+                self.overflow_steps = int(state["amp"]["overflow_steps"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {os.fspath(where)!r} does not fit this run: {exc}") from None
         ckpt.set_rng_state(state["rng"])
@@ -493,20 +409,28 @@ class LongContextTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
+        self._snapshot = (ckpt.rng_state(), data.sampler.state_dict())
         self.model.train()
         total_nats = torch.zeros((), dtype=torch.float64, device=self.device)
         targets = tokens = 0
+        unit = 0  # fp16: gradients in units of the first micro-batch's targets, so the scaled loss stays small
         for _ in range(self.accum):
             ids, labels = self._to_device(*data.sampler.next_batch())
             n = _target_count(ids, labels)
             with self._autocast():
                 loss = self.model(ids, labels=labels).loss
             # Summed nats, scaled after accumulation: the step's loss is the mean over all its target tokens.
-            (loss * n).backward()
+            if self.scaler is None:
+                (loss * n).backward()
+            else:
+                unit = unit or n
+                self.scaler.scale(loss * (n / max(1, unit))).backward()
             total_nats += loss.detach().double() * n
             targets += n
             tokens += ids.numel()
-        scale = 1.0 / max(1, targets)
+        scale = (unit or 1) / max(1, targets) if self.scaler is not None else 1.0 / max(1, targets)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # notes an overflow; scaler.step then skips the update
         params = [p for p in self.model.parameters() if p.grad is not None]
         for p in params:
             p.grad.mul_(scale)
@@ -515,18 +439,34 @@ class LongContextTrainer:
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         loss_value = float(total_nats) * scale
-        if not math.isfinite(loss_value) or not math.isfinite(float(grad_norm)):
+        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+        if not finite and (self.scaler is None or self._overflow_run >= MAX_CONSECUTIVE_OVERFLOWS):
             raise TrainingError(f"non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}) at step "
                                 f"{step}; lower the learning rate (lr={self.lr}) or use fp32 precision")
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with ckpt.deferred_sigint():  # an update half applied could be neither resumed nor redone
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)  # skipped if unscale_ found an inf or NaN
+                self.scaler.update()
+                self._overflow_run = 0 if finite else self._overflow_run + 1
+                self.overflow_steps += not finite
+            with warnings.catch_warnings():  # a skipped first step makes torch warn of the order; the LR follows steps
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before"))
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step, self._snapshot = step, None
         elapsed = time.perf_counter() - t0
         record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                   "tokens": tokens, "tokens_per_s": tokens / elapsed, "step_s": elapsed,
                   "mem_bytes": self._memory_bytes()}
+        if self.scaler is not None:
+            record.update(loss_scale=self.scaler.get_scale(), overflow=not finite, overflow_steps=self.overflow_steps)
         self._emit(record)
+        for event in self.drift.pop_events() if self.drift is not None else ():
+            self._emit({"kind": "drift_fallback", "step": step, **{k: v for k, v in event.items() if k != "step"},
+                        "forward": event["step"]})
         return record
 
     def _hidden_kwargs(self) -> dict[str, Any]:
@@ -568,6 +508,13 @@ class LongContextTrainer:
             return int(torch.cuda.max_memory_allocated(self.device))
         return _cpu_rss_bytes()
 
+    def _say(self, line: str, bar) -> None:
+        # Evaluation and resume lines: through ``announce`` when set (the CLI), else above the progress bar.
+        if self.announce is not None:
+            self.announce(line)
+        elif self.progress and bar is not None:
+            bar.write(line, file=sys.stderr)
+
     def _mem_kind(self) -> str:
         return "cuda_max_allocated" if self.device.type == "cuda" else "cpu_rss"
 
@@ -578,8 +525,22 @@ class LongContextTrainer:
                     disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
 
     @contextlib.contextmanager
+    def _sigint_noted(self):
+        """Ctrl-C while the run's last files are written is noted in the yielded list, never raised mid-write."""
+        noted: list[int] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield noted
+            return
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+        try:
+            yield noted
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
     def _sigint_stops(self):
-        """First Ctrl-C: finish the step, checkpoint, return. A second one interrupts at once."""
+        """First Ctrl-C: finish the step, checkpoint, return. A second one drops the step in flight (``fit``
+        saves the last complete one)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -589,7 +550,7 @@ class LongContextTrainer:
             if self._stop:
                 raise KeyboardInterrupt
             self._stop = True
-            print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)", file=sys.stderr)
+            print("\nstopping after this step (Ctrl-C again to drop it and save the last complete one)", file=sys.stderr)
 
         signal.signal(signal.SIGINT, handler)
         try:
@@ -604,9 +565,9 @@ class LongContextTrainer:
                   "data": data.identity, "environment": environment(self.device), "mem_kind": self._mem_kind()}
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            path = self.out_dir / LOG_NAME
+            path = self.out_dir / runlog.LOG_NAME
             if start > 0 and path.exists():
-                _truncate_log(path, start)
+                runlog.truncate_log(path, start)
             self._log = open(path, "a" if start > 0 else "w")
         self._emit(header)
 
@@ -622,70 +583,53 @@ class LongContextTrainer:
             self._log = None
 
 
+class ReversibleAMPTrainer(LongContextTrainer):
+    """``LongContextTrainer`` in mixed precision, as the seed README calls it: ``fp16=True`` trains under fp16
+    autocast (fp32 streams and weights) with a ``torch.amp.GradScaler``; ``loss_scale``: "dynamic" or a
+    number, the scaler's initial scale (it still backs off on overflow). Overflow steps are skipped and
+    counted (``overflow_steps`` in the log and summary). ``fp16=False`` is bf16 autocast.
+    ``keep_batchnorm_fp32``: norms run in fp32 under autocast, always; False is refused, not ignored."""
+
+    def __init__(self, model: torch.nn.Module, fp16: bool = True, loss_scale: str | float = "dynamic",
+                 keep_batchnorm_fp32: bool = True, **kwargs: Any):
+        if not keep_batchnorm_fp32:
+            raise ConfigError("keep_batchnorm_fp32=False: autocast runs every norm in fp32; leave it True")
+        if loss_scale != "dynamic" and (isinstance(loss_scale, (bool, str)) or not 0 < loss_scale < math.inf):
+            raise ConfigError(f"loss_scale={loss_scale!r} must be 'dynamic' or a finite number > 0")
+        if "precision" in kwargs:
+            raise ConfigError("ReversibleAMPTrainer takes fp16=True (fp16) or fp16=False (bf16), not precision=")
+        super().__init__(model, precision="fp16" if fp16 else "bf16", **kwargs)
+        self.loss_scale = loss_scale
+
+    def train(self, train_loader: Any = None, num_steps: int | None = None, gradient_clip: float | None = None,
+              **kwargs: Any) -> dict[str, Any]:
+        """The README's ``train(train_loader=..., num_steps=..., gradient_clip=...)``: ``train_loader`` is a
+        dataset as ``LongContextTrainer.train`` takes (or a DataLoader over one), ``num_steps`` optimizer steps
+        in all (instead of ``num_epochs``), ``gradient_clip`` the clipping norm."""
+        dataset = getattr(train_loader, "dataset", train_loader)
+        if getattr(train_loader, "batch_size", None):  # a DataLoader: its dataset, in its batch size
+            kwargs.setdefault("batch_size", train_loader.batch_size)
+        if dataset is None:
+            dataset = kwargs.pop("train_dataset")
+        if gradient_clip is not None:
+            if not gradient_clip > 0:
+                raise ConfigError(f"gradient_clip={gradient_clip!r} must be > 0")
+            self.max_grad_norm = gradient_clip
+        if num_steps is None:
+            return super().train(dataset, **kwargs)
+        data = dataset_data(dataset, kwargs.pop("eval_dataset", None), self.max_length, self.config.vocab_size,
+                            kwargs.pop("batch_size", 1), self.seed, _to_numpy)
+        return self.fit(data, steps=num_steps, **kwargs)
+
+
 def _target_count(ids: torch.Tensor, labels: torch.Tensor | None) -> int:
     if labels is None:
         return ids.shape[0] * (ids.shape[1] - 1)
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _eval_line(record: dict[str, Any]) -> str:
-    parts = [f"step {record['step']}: eval loss {record['eval_loss']:.4f}"]
-    for key in ("eval_bits_per_byte", "eval_bits_per_token"):
-        if key in record:
-            parts.append(f"{key[5:].replace('_', ' ')} {record[key]:.4f}")
-    if "eval_accuracy" in record:
-        parts.append(f"accuracy {record['eval_accuracy']:.3f}")
-    return ", ".join(parts)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop records past ``step``: a run that died after its last checkpoint logged steps it will redo."""
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by the crash
-            if record.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-
-
-def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``log.jsonl``."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_log(log_path: str | os.PathLike, png_path: str | os.PathLike) -> Path:
-    """A PNG of training loss (and held-out loss) and memory over steps from a ``log.jsonl``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    records = read_log(log_path)
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    headers = [r for r in records if r.get("kind") in ("run", "resume")]
-    mem_kind = headers[-1].get("mem_kind", "") if headers else ""
-    fig = Figure(figsize=(9, 6.5), layout="constrained")  # no pyplot: leaves the user's backend alone
-    FigureCanvasAgg(fig)
-    ax_loss, ax_mem = fig.subplots(2, 1, sharex=True)
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label="train loss")
-    if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
-    ax_loss.set_ylabel("loss (nats / token)")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_mem.plot([r["step"] for r in train], [r["mem_bytes"] / 2**20 for r in train], lw=1)
-    ax_mem.set_ylabel("peak allocated, MiB" if mem_kind.startswith("cuda") else "process RSS, MiB")
-    ax_mem.set_xlabel("step")
-    ax_mem.grid(alpha=0.3)
-    png_path = Path(png_path)
-    fig.savefig(png_path, dpi=100)
-    return png_path
+def _precision_name(amp_dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
 
 
 def _device_name(device: torch.device) -> str:
@@ -710,12 +654,6 @@ def _last_policies(model) -> list[str]:
     return list(plan.policies) if plan is not None else list(getattr(model, "policies", []))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 # --- the CLI's entry point ----------------------------------------------------------------------------
 def run(settings, data: TrainingData) -> dict[str, Any]:
     """Build the model ``settings`` describe (``revnet_core.cli.TrainSettings``) and train it on ``data``;
@@ -737,6 +675,9 @@ def run(settings, data: TrainingData) -> dict[str, Any]:
         out_dir=settings.out, checkpoint_every=settings.checkpoint_every, device=settings.device,
         seed=settings.seed, progress=settings.progress, plot=settings.plot,
     )
+    from tqdm.auto import tqdm
+
+    trainer.announce = lambda line: tqdm.write(line, file=sys.stderr)  # shown with --no-progress too
     try:
         summary = trainer.fit(data, steps=settings.steps, resume=settings.resume)
     except torch.OutOfMemoryError as exc:

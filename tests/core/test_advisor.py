@@ -62,9 +62,10 @@ def test_capacity_precision_attention_and_batch_recommendations():
     cats = {r.category: r for r in recs}
     assert cats["precision"].bytes_saved > 0 and cats["precision"].action is None
     assert "batch" in cats
-    ref = SEED.replace(attention="reference", max_seq_len=4096)
+    ref = SEED.replace(backend_options={"torch": {"attention": "reference"}}, max_seq_len=4096)
     cats = {r.category: r for r in OptimizationAdvisor(ref, target_seq_length=4096, memory_budget=80 * 2**30).analyze()}
     assert cats["attention"].bytes_saved > 0 and "score matrix" in cats["attention"].suggestion
+    assert "backend_options" in cats["attention"].suggestion and cats["attention"].action is None
     tight = OptimizationAdvisor(SEED, target_seq_length=65536, memory_budget=4 * 2**30).analyze()
     assert tight[0].category == "capacity" and "does not fit" in tight[0].suggestion
 

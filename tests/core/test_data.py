@@ -1,5 +1,7 @@
-"""Byte-level data and the passkey task: deterministic, resumable, and clear about bad input. No framework."""
+"""Byte-level data, a user's datasets and the passkey task: deterministic, resumable, and clear about bad input.
+No framework."""
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -7,8 +9,8 @@ import numpy as np
 import pytest
 
 from revnet_core import InputError
-from revnet_core.data import (HELDOUT_EVERY, IGNORE_INDEX, WindowSampler, eval_windows, file_corpus, lm_data,
-                              stdlib_corpus, stdlib_files)
+from revnet_core.data import (HELDOUT_EVERY, IGNORE_INDEX, EpochSampler, WindowSampler, collate, dataset_data,
+                              dataset_sequences, eval_windows, file_corpus, lm_data, stdlib_corpus, stdlib_files)
 from revnet_core.tasks import QUESTION, PasskeyTask, passkey_data
 
 
@@ -122,6 +124,85 @@ def test_sequence_longer_than_the_data_is_refused(tmp_path):
         lm_data(file_corpus([f]), 64, 2)
     with pytest.raises(InputError, match="larger than the training data"):
         lm_data(file_corpus([f]), 1000, 2)
+
+
+def test_a_sampler_state_of_another_kind_is_refused():
+    windows = WindowSampler(np.arange(100), 8, 2).state_dict()
+    with pytest.raises(InputError, match="of kind 'windows' does not fit a passkey sampler"):
+        PasskeyTask(200, 2).load_state_dict(windows)
+    with pytest.raises(InputError, match="does not fit this dataset"):
+        EpochSampler([(np.arange(4), None)] * 3, 2).load_state_dict(windows)
+    with pytest.raises(InputError, match="batch_size=0 must be a positive integer"):
+        WindowSampler(np.arange(100), 8, 0)
+
+
+# --- a user's datasets ---------------------------------------------------------------------------------------
+def test_items_are_cut_to_max_length_and_one_token_pieces_dropped():
+    items = [np.arange(10), [1, 2, 3], {"input_ids": np.arange(5), "labels": np.arange(5) + 1}, "héllo", b"xy"]
+    pieces, units, sha = dataset_sequences(items, 4, 256, "ds")
+    assert [p[0].tolist() for p in pieces] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [1, 2, 3], [0, 1, 2, 3],
+                                               list("héll".encode())[:4], [108, 111], [120, 121]]
+    assert pieces[4][1].tolist() == [1, 2, 3, 4] and pieces[0][1] is None
+    assert all(p[0].dtype == np.int64 for p in pieces)
+    assert units == "tokens" and len(sha) == 64  # mixed texts and ids count tokens, not bytes
+    assert dataset_sequences(["ab", b"cd"], 4, 256, "ds")[1] == "bytes"
+    assert dataset_sequences([np.arange(10)], 4, 256, "ds")[2] == sha_of([np.arange(10)], 4)
+    assert sha_of([np.arange(10)], 4) != sha_of([np.arange(10)], 5)  # the same tokens cut otherwise: other data
+
+
+def sha_of(items, max_length):
+    return dataset_sequences(items, max_length, 256, "ds")[2]
+
+
+@pytest.mark.parametrize("dataset, vocab, message", [
+    (["", "a"], 256, "empty: no item holds two or more tokens"),
+    ([np.ones(4)], 256, r"ds\[0\] must hold integer token ids"),
+    ([np.ones((2, 3), dtype=int)], 256, r"shape \(T,\), got shape \(2, 3\)"),
+    ([np.array([1, 2, 300])], 256, r"ids in \[1, 300\], outside the model's vocabulary \[0, 256\)"),
+    ([np.array([-1, 2])], 256, "outside the model's vocabulary"),
+    (["some text"], 50, "byte-tokenised"),
+    ([{"ids": [1, 2]}], 256, "a dict without 'input_ids'"),
+    ([{"input_ids": [1, 2, 3], "labels": [1, 2]}], 256, "labels shape"),
+    ([{"input_ids": [1, 2, 3], "labels": [0.5, 1, 2]}], 256, r"ds\[0\] labels must hold integer"),
+    ("a text", 256, "not one str"),
+    (iter([[1, 2]]), 256, "must support len"),
+])
+def test_bad_datasets_raise_clear_errors(dataset, vocab, message):
+    with pytest.raises(InputError, match=message):
+        dataset_sequences(dataset, 8, vocab, "ds")
+
+
+def test_collate_pads_with_no_loss_and_leaves_equal_unlabelled_pieces_alone():
+    ids, labels = collate([(np.arange(4), None), (np.arange(4) + 1, None)])
+    assert ids.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]] and labels is None
+    ids, labels = collate([(np.arange(4), None), (np.array([7, 8]), np.array([IGNORE_INDEX, 9]))])
+    assert ids.tolist() == [[0, 1, 2, 3], [7, 8, 0, 0]]
+    assert labels.tolist() == [[0, 1, 2, 3], [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_epochs_shuffle_every_piece_once_and_resume_exactly():
+    pieces = [(np.full(3, i), None) for i in range(5)]
+    a = EpochSampler(pieces, 2, seed=1)
+    first = [a.next_batch()[0][:, 0].tolist() for _ in range(5)]  # 10 pieces: two epochs exactly
+    flat = [i for batch in first for i in batch]
+    assert sorted(flat[:5]) == sorted(flat[5:]) == list(range(5)) and a.epoch == 1
+    state = a.state_dict()
+    rest = [a.next_batch()[0] for _ in range(4)]
+    b = EpochSampler(pieces, 2, seed=999)
+    b.load_state_dict(json.loads(json.dumps(state)))  # through a checkpoint's JSON-like state
+    assert all(np.array_equal(x, y) for x, y in zip(rest, [b.next_batch()[0] for _ in range(4)]))
+    assert b.batches == a.batches == 9 and b.epoch == a.epoch
+    c = EpochSampler(pieces, 2, seed=1)
+    assert [c.next_batch()[0][:, 0].tolist() for _ in range(5)] == first
+
+
+def test_dataset_data_is_a_trainers_data():
+    data = dataset_data([np.arange(10), np.arange(3)], ["held out text"], 4, 256, batch_size=2, seed=0)
+    assert data.task == "dataset" and data.units == "tokens" and data.seq_len == 4 and data.batch_size == 2
+    assert data.identity["pieces"] == 4 and data.identity["source"] == "user-dataset"
+    # 13 bytes: pieces of 4, 4 and 4; the last byte alone has no next-token target
+    assert [b[0].shape for b in data.eval_batches] == [(2, 4), (1, 4)]
+    assert dataset_data(["ab"], None, 4, 256, 1).eval_batches == []
 
 
 # --- passkey -------------------------------------------------------------------------------------------------

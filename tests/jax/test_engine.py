@@ -1,5 +1,7 @@
 """The reversible backward (custom_vjp around the layer scan) equals plain autodiff of the same function."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -44,6 +46,13 @@ def test_reverse_gradients_equal_plain_autodiff(tiny_model, num_layers, coupling
 # Couplings from installed plugins (plugins/, pip-installed by the nox "plugins" session): written over the
 # Array API for torch, they must run unchanged here.
 PLUGIN_COUPLINGS = sorted(set(registry().couplings) - {"additive", "affine"})
+
+
+def test_the_example_plugins_are_installed_when_required():
+    """Under nox (REVNET_REQUIRE_PLUGINS) the plugin tests below must run, not collect an empty set."""
+    if not os.environ.get("REVNET_REQUIRE_PLUGINS"):
+        pytest.skip("outside nox the example plugins may be absent")
+    assert PLUGIN_COUPLINGS, "no plugin coupling is registered"
 
 
 @pytest.mark.parametrize("coupling", PLUGIN_COUPLINGS)

@@ -130,8 +130,10 @@ def test_policy_and_option_errors(tiny_model):
         ReversibleTransformerJAX(num_layer=3)
     with pytest.raises(ConfigError, match="torch backend only"):
         ReversibleTransformerJAX(attention_window=16)
-    with pytest.raises(ConfigError, match="loss_kernel='fused'.*torch backend only"):
-        ReversibleTransformerJAX(loss_kernel="fused")
+    with pytest.raises(ConfigError, match="loss_kernel is an option of the torch backend"):
+        ReversibleTransformerJAX(loss_kernel="fused")  # JAX has one loss head, its chunked one
+    with pytest.raises(ConfigError, match=r"attention='flash' is not one of \['sdpa', 'reference'\]"):
+        ReversibleTransformerJAX(attention="flash")
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:

@@ -86,3 +86,63 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v = (torch.randn(1, 1, 6, 32) for _ in range(3))
     torch.testing.assert_close(reference_attention(q, k, v)[0],
                                reference_attention(q, k, v, scale=1 / math.sqrt(32))[0])
+
+
+def manual_attention(q, k, v, dropout_p):
+    """Causal softmax attention with F.dropout on the probabilities, written out."""
+    T = q.shape[2]
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return F.dropout(s.softmax(-1), dropout_p) @ v
+
+
+def test_reference_dropout_matches_manual_dropout_under_the_same_seed():
+    q, k, v = (torch.randn(2, 3, 13, 8, dtype=torch.float64) for _ in range(3))
+    torch.manual_seed(7)
+    o, lse = reference_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(7)
+    want = manual_attention(q, k, v, 0.3)
+    torch.testing.assert_close(o, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, reference_attention(q, k, v)[1])  # the scores' lse, before dropout
+    assert not torch.equal(o, reference_attention(q, k, v)[0])
+    torch.manual_seed(7)
+    assert torch.equal(reference_attention(q, k, v, dropout_p=0.3, return_lse=False), o)
+
+
+def test_reference_without_lse_returns_the_same_output_and_gradients():
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
+    o, _ = reference_attention(q, k, v, window=4)
+    o2 = reference_attention(q, k, v, window=4, return_lse=False)
+    assert torch.equal(o, o2)
+    for x in (q, k, v):
+        x.requires_grad_()
+    g = torch.autograd.grad(reference_attention(q, k, v, return_lse=False).sum(), (q, k, v))
+    g2 = torch.autograd.grad(manual_attention(q, k, v, 0.0).sum(), (q, k, v))
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_math_is_fp32_under_autocast():
+    """bf16 inputs: the same fp32 math with autocast on as off (autocast would run the matmuls in bf16)."""
+    q, k, v = (torch.randn(1, 2, 11, 16).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, lse = reference_attention(q, k, v)
+    ro, rlse = reference_attention(q, k, v)
+    assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert torch.equal(o, ro) and torch.equal(lse, rlse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("training", [False, True])
+def test_blocks_reference_path_is_this_reference(dtype, training):
+    """AttentionBlock(attention="reference") runs this function (dropout only in training), bit for bit."""
+    from revnet_torch.blocks import AttentionBlock, Rotary
+
+    block = AttentionBlock(32, 4, 32, Rotary(8, 10000.0), attention="reference", attention_dropout=0.25)
+    block.train(training)
+    q, k, v = (torch.randn(2, 4, 10, 8, dtype=dtype) for _ in range(3))
+    torch.manual_seed(3)
+    got = block._core(q, k, v)
+    torch.manual_seed(3)
+    want = reference_attention(q, k, v, dropout_p=0.25 if training else 0.0, return_lse=False)
+    assert torch.equal(got, want)

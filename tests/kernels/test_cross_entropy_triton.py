@@ -155,3 +155,21 @@ def test_cost_model_knows_the_kernels_buffers(n, vocab, monkeypatch):
         linear_cross_entropy_forward(h, w, torch.randint(0, vocab, (n,)))
     rows, padded = fused_ce_layout(vocab, n)
     assert (rows, padded) in shapes and (padded, 8) in shapes
+
+
+def test_no_gradient_pass_when_none_can_be_asked(monkeypatch):
+    """The Triton head shares the chunked one's autograd wrapper: under no_grad it runs without NEED_GRAD."""
+    import revnet_kernels.cross_entropy_triton as cet
+
+    asked = []
+    original = cet.linear_cross_entropy_forward
+    monkeypatch.setattr(cet, "linear_cross_entropy_forward",
+                        lambda *a: asked.append(a[5:7]) or original(*a))
+    h, w, t = make(9, 30)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.no_grad():
+        loss = triton_linear_cross_entropy(hh, ww, t, chunk_size=4)
+    assert asked == [(False, False)] and loss.grad_fn is None
+    triton_linear_cross_entropy(hh, ww, t, chunk_size=4).backward()
+    assert asked[1] == (True, True)
+    torch.testing.assert_close(loss, reference_linear_cross_entropy(h, w, t), rtol=1e-5, atol=1e-6)

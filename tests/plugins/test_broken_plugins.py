@@ -56,7 +56,7 @@ def test_coupling_failing_its_probe_is_reported_and_skipped():
         assert {"additive", "affine"} <= set(reg.couplings)
         with pytest.raises(UnknownNameError, match=r"unknown coupling 'twisted'; installed couplings: .*additive"):
             revnet_core.build("torch", coupling="twisted")
-        assert {"kind": "failed", "name": "test-twisted", "plugin": "test-twisted", "distribution": "",
+        assert {"kind": "failed", "name": "test-twisted", "plugin": "test-twisted", "distribution": "in-process",
                 "reason": reg.failures["test-twisted"]} in describe()
     finally:
         unregister_plugin(name)
@@ -99,7 +99,7 @@ def test_a_plugin_cannot_take_over_a_registered_name():
         reg, _ = load_registry()
         assert reg.couplings["additive"].plugin == "revnet_core.builtin_couplings"
         assert type(get_coupling("affine")) is revnet_core.AffineCoupling
-        assert "coupling 'affine' skipped: the name is already registered by 'revnet_core.builtin_couplings'" \
+        assert "coupling 'affine' refused: the name is already registered by 'revnet_core.builtin_couplings'" \
             in reg.failures["test-squatter"]
     finally:
         unregister_plugin(name)

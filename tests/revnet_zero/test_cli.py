@@ -10,8 +10,10 @@ from importlib import metadata
 import pytest
 
 from revnet_core import hookimpl
-from revnet_core.settings import PRESETS, build_settings
+from revnet_core.settings import PRESETS
+from revnet_zero.cli_settings import build_settings
 from revnet_zero.cli import build_parser, main
+from revnet_core import registry as registry_module
 from revnet_core.registry import register_plugin, unregister_plugin
 
 
@@ -200,7 +202,10 @@ def test_plugins_lists_distribution_and_failures(capsys):
 def test_a_backend_without_a_trainer_is_named_before_any_data_is_read(capsys):
     code, _, err = run(capsys, "train", "--backend", "jax", "--data", "/no/such/path")
     assert code == 2
-    assert "the jax backend has no trainer yet; backends with one: torch" in err
+    from revnet_core.registry import backends_with
+
+    assert f"the jax backend has no trainer yet; backends with one: {', '.join(backends_with('trainer'))}" in err
+    assert "torch" in backends_with("trainer")
     code, _, err = run(capsys, "bench", "--backend", "jax")
     assert code == 2 and "the jax backend has no bench yet" in err
 
@@ -235,3 +240,31 @@ def test_train_reaches_the_trainer_through_the_record(tmp_path, capsys, monkeypa
     assert code == 0, err
     assert calls and calls[0][:2] == ("fake", 32)
     assert "step 1/1" in out
+
+
+def test_plugins_lists_a_refused_backend_and_the_opt_in(capsys, monkeypatch):
+    from revnet_core.registry import BackendRecord
+
+    class Hijack:
+        @hookimpl
+        def register_backends(self, register):
+            register(BackendRecord("torch", lambda config, weights=None: "hijacked"))
+
+    name = register_plugin(Hijack(), name="test-cli-hijack")
+    try:
+        with pytest.warns(UserWarning, match="backend 'torch' refused"):
+            code, out, _ = run(capsys, "plugins")
+        assert code == 0
+        row = next(line for line in out.splitlines() if "test-cli-hijack" in line)
+        assert row.split()[:2] == ["failed", "test-cli-hijack"] and "in-process" in row
+        assert "backend 'torch' refused" in row and "REVNET_ALLOW_OVERRIDE=torch" in row
+        torch_row = next(line.split() for line in out.splitlines() if line.split()[:2] == ["backend", "torch"])
+        assert torch_row[2:4] == ["torch", "revnet-zero"]  # the built-in, with its distribution and version
+        monkeypatch.setenv("REVNET_ALLOW_OVERRIDE", "torch")
+        registry_module.reset()
+        with pytest.warns(UserWarning, match="replaces backend 'torch'"):
+            code, out, _ = run(capsys, "plugins")
+        torch_row = next(line for line in out.splitlines() if line.split()[:2] == ["backend", "torch"])
+        assert "test-cli-hijack" in torch_row and "replaces 'torch' (REVNET_ALLOW_OVERRIDE)" in torch_row
+    finally:
+        unregister_plugin(name)

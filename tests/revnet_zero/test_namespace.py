@@ -32,6 +32,7 @@ EXPECTED = {
     ("revnet_zero.memory", "live_tensor_bytes"): ("revnet_torch.memory", "live_tensor_bytes"),
     ("revnet_zero.training", "LongContextTrainer"): ("revnet_torch.trainer", "LongContextTrainer"),
     ("revnet_zero.training", "TrainingError"): ("revnet_torch.trainer", "TrainingError"),
+    ("revnet_zero.training", "ReversibleAMPTrainer"): ("revnet_torch.trainer", "ReversibleAMPTrainer"),
     ("revnet_zero.utils", "ReversibleGradientChecker"): ("revnet_torch.diagnostics", "ReversibleGradientChecker"),
     ("revnet_zero.utils", "StabilityAnalyzer"): ("revnet_torch.diagnostics", "StabilityAnalyzer"),
     ("revnet_zero.utils", "CommonPitfalls"): ("revnet_torch.diagnostics", "CommonPitfalls"),
@@ -44,8 +45,7 @@ EXPECTED = {
 }
 # Names the README uses for systems that are planned, not built: they must not exist as stubs.
 PLANNED = [("revnet_zero", "convert_to_reversible"), ("revnet_zero.layers", "RationalFourierAttention"),
-           ("revnet_zero.kernels", "TritonRFAttention"), ("revnet_zero.training", "DistributedReversibleTrainer"),
-           ("revnet_zero.training", "ReversibleAMPTrainer")]
+           ("revnet_zero.kernels", "TritonRFAttention"), ("revnet_zero.training", "DistributedReversibleTrainer")]
 PLANNED_MODULES = ["revnet_zero.examples", "revnet_zero.research", "revnet_zero.experimental"]
 JAX_FREE = [m for m in sorted({m for m, _ in EXPECTED}) if m != "revnet_zero.jax"] + ["revnet_zero.kernels"]
 

@@ -71,8 +71,8 @@ def saved_bytes_case(fields: dict, T: int, autocast: bool):
     from revnet_torch.cost import CostModel
 
     torch.manual_seed(0)
-    cfg = revnet_core.ModelConfig(num_layers=3, vocab_size=64, loss_chunk_size=16, max_seq_len=256, **fields)
-    model = revnet_core.build("torch", config=cfg)
+    model = revnet_core.build("torch", num_layers=3, vocab_size=64, loss_chunk_size=16, max_seq_len=256, **fields)
+    cfg = model.config  # torch options among the fields land in its section
     ids = torch.randint(0, 64, (2, T))
     cm = CostModel(cfg, Workload(batch=2, seq_len=T, autocast_dtype="bfloat16" if autocast else None, device="cpu"))
     return model, cm, [(plan, cm.saved_bytes(plan), plan_saved_bytes(model, ids, plan, autocast)) for plan in PLANS]

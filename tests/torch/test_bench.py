@@ -25,8 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def doc_run(tmp_path_factory):
     """The python blocks of docs/benchmarks.md, run in one namespace in a fresh folder: the docs' example is
-    the end-to-end run these tests check (a built-in spec in a subprocess per cell, an nn.Module in-process).
-    Subprocess cells cost seconds each on CPU (importing torch), so the tests share as few as they can."""
+    the end-to-end run these tests check (built-in specs and an nn.Module, all in-process on the CPU)."""
     folder = tmp_path_factory.mktemp("docs")
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
@@ -46,12 +45,12 @@ def results(doc_run):
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """``revnet bench`` as a user runs it: the reversible model at seq 16, batch 2, the docs' tiny shape (one cell:
-    each costs seconds; every kind's weights are compared in-process below)."""
+    """``revnet bench`` as a user runs it: the reversible model at seq 16, batch 2, the docs' tiny shape. The
+    --timeout puts the cell in a subprocess, as on a GPU (it costs seconds: one cell)."""
     out = tmp_path_factory.mktemp("cli") / "bench"
     cmd = [sys.executable, "-m", "revnet_zero", "bench", "--models", "reversible", "--seq", "16",
            "--batch", "2", "--layers", "2", "--d-model", "32", "--heads", "2", "--vocab", "64", "--steps", "3",
-           "--device", "cpu", "--out", str(out)]
+           "--device", "cpu", "--timeout", "300", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     return out, proc
 
@@ -76,7 +75,7 @@ def test_every_cell_has_every_metric(results):
         assert r["losses"][-1] < r["losses"][0]
         assert r["energy_available"] is False and "no GPU" in r["energy_reason"]
         assert any("scaled_dot_product" in op for op in r["attention_ops"]), r["attention_ops"]
-    assert results[0]["implementation"] == "built-in plain (subprocess)"
+    assert results[0]["implementation"] == "built-in plain (in-process)"  # CPU, no timeout
     assert results[1]["implementation"] == "in-process nn.Module ReversibleTransformer"
 
 
@@ -91,7 +90,7 @@ def test_built_ins_share_weights_and_an_instance_starts_each_cell_from_its_own(r
     out, proc = cli_run
     assert proc.returncode == 0, proc.stderr
     cli_rows = json.loads((out / "bench.json").read_text())["rows"]
-    specs = [r for r in list(results) + cli_rows if "subprocess" in r["implementation"]]
+    specs = [r for r in list(results) + cli_rows if r["implementation"].startswith("built-in")]
     assert len(specs) == 3 and len({r["weights_sha256"] for r in specs}) == 1  # docs' plain x 2, the CLI's
     mine = [r for r in results if r["model"] == "reversible"]
     assert mine[0]["weights_sha256"] == mine[1]["weights_sha256"]  # restored, not trained on by the first cell

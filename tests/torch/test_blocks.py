@@ -38,3 +38,25 @@ def test_ffn_chunks_equal_whole_sequence():
     ffn.chunk_size = 4
     torch.testing.assert_close(ffn(x), whole, rtol=0, atol=1e-14)
     assert len(ffn.chunks(11)) == 3
+
+
+def test_blocks_run_their_norms_and_activations_through_the_kernel_registry(monkeypatch):
+    """Forcing an implementation by REVNET_KERNELS reaches the blocks: each FFN norm and activation call is
+    the registry's, and the forced reference computes the same function (fp64)."""
+    import revnet_kernels.activations as acts
+    import revnet_kernels.norms as norms
+    from revnet_kernels import registry
+
+    torch.manual_seed(0)
+    ffn = FeedForwardBlock(16, 24, 16, activation="swiglu", chunk_size=5).double()
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    default = ffn(x)
+    calls = []
+    monkeypatch.setattr(registry, "_loaded", {})  # load the spies below, not the cached functions
+    monkeypatch.setattr(norms, "reference_layer_norm",
+                        lambda *a: calls.append("norm") or norms.torch_layer_norm(*a))
+    monkeypatch.setattr(acts, "reference_activation", lambda u, k: calls.append(k) or acts.torch_activation(u, k))
+    monkeypatch.setenv(registry.ENV_VAR, "layer_norm=reference,activation=reference")
+    forced = ffn(x)
+    assert calls == ["norm", "swiglu"] * 3  # three sequence chunks of 5, 5 and 2 tokens
+    torch.testing.assert_close(forced, default, rtol=0, atol=0)

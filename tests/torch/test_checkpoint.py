@@ -146,7 +146,7 @@ def test_truncated_checkpoint_is_reported(finished_run, corpus, capsys):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     code, _, err = run_cli(capsys, *CLI_TINY, "--steps", "4", "--data", str(corpus), "--resume", str(finished_run))
     assert code == 2
-    assert "corrupt or truncated" in err and "checkpoint.pt" in err
+    assert "is truncated" in err and "checkpoint.pt" in err
 
 
 def test_a_file_that_is_no_checkpoint_is_reported(tmp_path, corpus, capsys):
@@ -165,9 +165,9 @@ def test_wrong_model_config_is_reported(finished_run, corpus, capsys):
 
 def test_wrong_backend_is_reported(finished_run, corpus, capsys):
     path = finished_run / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
+    state = ckpt.load_checkpoint(path)
     state["backend"] = "jax"
-    torch.save(state, path)
+    ckpt.save_checkpoint(path, state)
     code, _, err = run_cli(capsys, *CLI_TINY, "--steps", "4", "--data", str(corpus), "--resume", str(finished_run))
     assert code == 2 and "written by the 'jax' backend" in err and "uses 'torch'" in err
 
@@ -224,3 +224,212 @@ def test_ctrl_c_checkpoints_and_resume_continues_exactly(tmp_path, corpus, capsy
     got = train_losses(read_log(out / "log.jsonl"))
     expected = train_losses(read_log(tmp_path / "full" / "log.jsonl"))
     assert got == expected
+
+
+# --- integrity: checksums, named errors, stale temp files ---------------------------------------------------
+@pytest.fixture
+def saved(tmp_path, corpus):
+    """A real checkpoint (model, AdamW, RNG, sampler) of a two-step run."""
+    make_trainer(tmp_path / "run").fit(lm_data(file_corpus([corpus]), 32, 2, eval_windows_max=2), steps=2)
+    return tmp_path / "run" / "checkpoint.pt"
+
+
+def test_every_single_bit_flip_is_detected_and_named(saved, tmp_path):
+    import random
+    import warnings
+
+    good = saved.read_bytes()
+    rng = random.Random(0)
+    damaged = tmp_path / "damaged.pt"
+    # Half anywhere (mostly tensor payloads), half in the first KiB: the archive's records and the pickle.
+    for trial in range(40):
+        data = bytearray(good)
+        pos = rng.randrange(len(good)) if trial % 2 else rng.randrange(1024)
+        data[pos] ^= 1 << rng.randrange(8)
+        damaged.write_bytes(bytes(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an "unverified" warning would mean the flip hid the checksums
+            with pytest.raises(ckpt.CheckpointCorruptError) as info:
+                ckpt.load_checkpoint(damaged)
+        assert "weights_only" not in str(info.value), pos
+    data = bytearray(good)
+    data[len(good) // 2] ^= 4  # the middle of the file: inside a tensor, which the message names
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointCorruptError, match=r"is damaged: tensor '(model|optimizer)/.*' fails its SHA-256"):
+        ckpt.load_checkpoint(damaged)
+
+
+class Payload:
+    """Pickles as a call of a function outside torch: what a malicious checkpoint carries (harmless here)."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_truncated_corrupt_unsafe_and_incompatible_each_have_their_message(saved, tmp_path):
+    good = saved.read_bytes()
+    cases = {}
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 3])
+    cases["truncated.pt"] = (ckpt.CheckpointTruncatedError, "is truncated")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    cases["empty.pt"] = (ckpt.CheckpointTruncatedError, "is truncated")
+    (tmp_path / "random.pt").write_bytes(bytes(random_bytes(5000)))
+    cases["random.pt"] = (ckpt.CheckpointCorruptError, "is corrupt and cannot be read")
+    torch.save({"format": ckpt.FORMAT, "model": Payload()}, tmp_path / "unsafe.pt")
+    cases["unsafe.pt"] = (ckpt.CheckpointUnsafeError, r"was refused: it holds pickled code .*(posix|os)\.getcwd")
+    torch.save({"some": torch.zeros(2)}, tmp_path / "foreign.pt")
+    cases["foreign.pt"] = (ckpt.CheckpointIncompatibleError, "not a RevNet-Zero training checkpoint")
+    for name, (kind, message) in cases.items():
+        with pytest.raises(ckpt.CheckpointError, match=message) as info:
+            ckpt.load_checkpoint(tmp_path / name)
+        assert type(info.value) is kind, name
+        assert "weights_only=False" not in str(info.value) and "Re-running" not in str(info.value), name
+    state = ckpt.load_checkpoint(saved)
+    with pytest.raises(ckpt.CheckpointIncompatibleError, match="different model config"):
+        ckpt.check_compatible(state, backend="torch", model_class=state["model_class"],
+                              config={**state["config"], "d_model": 64}, run=state["run"])
+
+
+def random_bytes(n):
+    import random
+
+    return random.Random(1).randbytes(n)
+
+
+def test_a_checkpoint_without_checksums_still_loads_with_a_warning(saved, tmp_path):
+    state = ckpt.load_checkpoint(saved)
+    old = tmp_path / "old.pt"
+    torch.save({**state, "format": "revnet-zero-checkpoint-v1"}, old)  # as the previous version wrote them
+    with pytest.warns(UserWarning, match="before checkpoints carried checksums; it was loaded unverified"):
+        assert ckpt.load_checkpoint(old)["step"] == 2
+
+
+def test_a_save_removes_the_temp_files_of_crashed_saves(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".checkpoint.pt.tmp-{int(dead.stdout)}"
+    stale.write_bytes(b"PK\x03\x04 half a zip")
+    live = tmp_path / f".checkpoint.pt.tmp-{os.getppid()}"  # a save still running in a live process: kept
+    live.write_bytes(b"in progress")
+    ckpt.save_checkpoint(tmp_path / "checkpoint.pt", {"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "checkpoint.pt"]
+
+
+def test_weights_are_checksummed_synced_and_named_when_damaged(tmp_path, monkeypatch):
+    from revnet_torch.weights import load_weights, save_weights
+
+    model = revnet_core.build("torch", **TINY)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path)
+    assert synced  # before the rename: the file's bytes are on disk when its name appears
+    monkeypatch.undo()
+    load_weights(model, path)
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ckpt.CheckpointTruncatedError, match="weight file .* is truncated"):
+        load_weights(model, path)
+    data = bytearray(good)
+    data[-40] ^= 1  # inside the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointCorruptError, match="is damaged: tensor '.*' fails its SHA-256"):
+        load_weights(model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+# --- signals in a real process ------------------------------------------------------------------------------
+def wait_for(predicate, seconds=90):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_ctrl_c_twice_during_a_save_finishes_it_exits_130_and_resumes_exactly(tmp_path, corpus, capsys):
+    """Two SIGINTs while a checkpoint is being written (the save is slowed by REVNET_TEST_SAVE_DELAY so they
+    land inside it): the file is completed first, the run stops there with exit 130 and one line, and
+    resuming it gives the losses and weights of an uninterrupted run."""
+    flags = [*CLI_TINY, "--data", str(corpus), "--warmup", "0", "--min-lr-ratio", "1.0", "--eval-every", "1000"]
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "revnet_zero", *flags, "--steps", "100000", "--checkpoint-every",
+                             "3", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", ckpt.TEST_DELAY_ENV: "1.5"})
+    assert wait_for(lambda: any(out.glob(".checkpoint.pt.tmp-*"))), "no save started"
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert "stopped at step 3 of 100000; continue with" in stderr
+    assert ckpt.load_checkpoint(out)["step"] == 3
+    assert not list(out.glob(".*tmp*"))
+
+    code, _, err = run_cli(capsys, *flags, "--steps", "5", "--resume", str(out))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *flags, "--steps", "5", "--out", str(tmp_path / "full"))
+    assert code == 0, err
+    assert train_losses(read_log(out / "log.jsonl")) == train_losses(read_log(tmp_path / "full" / "log.jsonl"))
+    resumed, full = ckpt.load_checkpoint(out)["model"], ckpt.load_checkpoint(tmp_path / "full")["model"]
+    assert all(torch.equal(resumed[k], full[k]) for k in full)
+
+
+def test_ctrl_c_during_the_final_save_finishes_it_and_exits_130(tmp_path, corpus):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "revnet_zero", *CLI_TINY, "--data", str(corpus), "--steps", "2",
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", ckpt.TEST_DELAY_ENV: "1.5"})
+    assert wait_for(lambda: any(out.glob(".checkpoint.pt.tmp-*"))), "no save started"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == ("revnet: interrupted after the run's files were written (step 2 of 2, "
+                                               "complete)")
+    assert ckpt.load_checkpoint(out)["step"] == 2
+
+
+FAULT_KILLS = int(os.environ.get("REVNET_FAULT_KILLS", "6"))  # the issue asks 20; 6 keeps CI near a minute
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_changes_the_result(tmp_path, corpus):
+    """Kill a checkpointing run with SIGKILL at random moments REVNET_FAULT_KILLS times (default 6), resuming
+    after each; the final weights equal an uninterrupted run's bit for bit and no temp file remains."""
+    import random
+
+    flags = [sys.executable, "-m", "revnet_zero", *CLI_TINY, "--data", str(corpus), "--steps", "30",
+             "--checkpoint-every", "1", "--eval-every", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.monotonic()
+    subprocess.run([*flags, "--out", str(tmp_path / "full")], check=True, capture_output=True, env=env)
+    whole = time.monotonic() - t0
+    out, rng, kills = tmp_path / "cut", random.Random(int(os.environ.get("REVNET_FAULT_SEED", "0"))), 0
+
+    def step():
+        return ckpt.load_checkpoint(out)["step"] if (out / "checkpoint.pt").exists() else 0
+
+    def start():
+        where = ["--resume", str(out)] if step() else ["--out", str(out)]
+        return subprocess.Popen([*flags, *where], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+    while kills < FAULT_KILLS and step() < 30:
+        proc = start()
+        try:
+            assert proc.wait(timeout=rng.uniform(0.3, whole)) == 0, proc.stderr.read()  # done before the kill
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+    if step() < 30:
+        proc = start()
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert kills >= 1
+    final, expected = ckpt.load_checkpoint(out), ckpt.load_checkpoint(tmp_path / "full")
+    assert final["step"] == 30
+    assert all(torch.equal(final["model"][k], expected["model"][k]) for k in expected["model"])
+    assert train_losses(read_log(out / "log.jsonl")) == train_losses(read_log(tmp_path / "full" / "log.jsonl"))
+    assert not [p.name for p in out.iterdir() if "tmp" in p.name]

@@ -103,11 +103,12 @@ def test_seed_automatic_head_chunks_lower_the_reverse_peak():
 
 def test_attention_window_counts_as_a_fused_kernel():
     """A sliding window changes only the kernel: counted as SDPA's fused one (output and LSE saved)."""
-    cfg = ModelConfig(num_layers=2, d_model=32, num_heads=2, attention="reference", attention_window=16)
+    cfg = ModelConfig(num_layers=2, d_model=32, num_heads=2, attention_window=16,
+                      backend_options={"torch": {"attention": "reference"}})
     w = Workload(seq_len=256, device="cpu")
     cm = CostModel(cfg, w)
     assert cm.sizes.attention == "sdpa"
-    fused = CostModel(cfg.replace(attention="sdpa", attention_window=None), w)
+    fused = CostModel(cfg.replace(backend_options={}, attention_window=None), w)
     assert cm.saved_bytes("store") == fused.saved_bytes("store")
     assert cm.peak_bytes("reverse") == fused.peak_bytes("reverse")
     assert CostModel(cfg, w, attention="math").sizes.attention == "math"  # a workload's choice still wins

@@ -67,7 +67,7 @@ REF = dict(attention="reference")
 
 
 @pytest.mark.parametrize("policies, fields", [
-    # the reversible F half through AttentionBlock.additive_half_backward (additive coupling, no dropout)
+    # the reversible F half through AttentionBlock.additive_vjp (additive coupling, no dropout)
     (["reverse"] * 3, dict(REF, d_model=48, num_heads=3, attn_head_chunk=1)),
     (["reverse"] * 3, dict(d_model=256, num_heads=4, d_ff=512, attn_head_chunk=2)),
     (["reverse", "store", "reverse"], dict(use_flash_attention=False, attn_head_chunk=3, norm="rmsnorm")),
@@ -89,8 +89,8 @@ def test_head_chunked_step_peak_matches_the_allocator(monkeypatch, policies, fie
     T = 512
     ids = torch.randint(0, 128, (1, T))
     calls = []
-    original = AttentionBlock.additive_half_backward
-    monkeypatch.setattr(AttentionBlock, "additive_half_backward",
+    original = AttentionBlock.additive_vjp
+    monkeypatch.setattr(AttentionBlock, "additive_vjp",
                         lambda self, *a: calls.append(self) or original(self, *a))
     predicted, measured, cm = step_peak(model, ids, autocast, before_measuring=calls.clear)
     assert head_counts(model, 1, T) == cm.sizes.head_counts() and len(cm.sizes.head_counts()) > 1

@@ -35,13 +35,13 @@ def test_head_chunked_fast_path_runs_and_rebuilds_inputs(tiny_model, monkeypatch
     """The engine takes the block's own backward (called once per layer) and the streams come back exact."""
     model, ids = tiny_model(num_layers=3, d_model=24, num_heads=3, attn_head_chunk=1)
     calls = []
-    original = AttentionBlock.additive_half_backward
+    original = AttentionBlock.additive_vjp
 
     def spy(self, *args):
         calls.append(self)
         return original(self, *args)
 
-    monkeypatch.setattr(AttentionBlock, "additive_half_backward", spy)
+    monkeypatch.setattr(AttentionBlock, "additive_vjp", spy)
     grads_of(model, ids, "reverse")
     assert len(calls) == 3
 
@@ -56,7 +56,7 @@ def test_head_chunks_fall_back_where_the_fast_path_does_not_apply(tiny_model, mo
     def refuse(*args):
         raise AssertionError("fast path taken")
 
-    monkeypatch.setattr(AttentionBlock, "additive_half_backward", refuse)
+    monkeypatch.setattr(AttentionBlock, "additive_vjp", refuse)
     _, g_store = grads_of(model, ids, "store")
     _, g_rev = grads_of(model, ids, "reverse")
     assert_same_grads(g_rev, g_store)
@@ -84,6 +84,9 @@ def test_head_chunks_bound_the_attention_graph(monkeypatch):
 
     monkeypatch.setattr(AttentionBlock, "attend_heads", measured)
     y, dy = torch.randn(1, T, d, dtype=torch.float64), torch.randn(1, T, d, dtype=torch.float64)
-    block.additive_half_backward(x, y, dy, params)
+    settled = []
+    dx, dparams = block.additive_vjp(x, dy, params, settled.append)
     assert len(chunks) == H
+    torch.testing.assert_close(settled[0], block(x), rtol=0, atol=1e-12)  # settle gets F(x) itself
+    assert dx.shape == x.shape and len(dparams) == len(params)
     assert 0 < max(chunks) * 4 < whole["bytes"], (chunks, whole)

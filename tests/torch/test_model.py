@@ -72,6 +72,8 @@ def test_bad_labels_get_clear_errors(model):
     (dict(coupling="twist"), UnknownNameError, "unknown coupling 'twist'"),
     (dict(layers=3), ConfigError, "unknown config field"),
     (dict(loss_kernel="triton"), ConfigError, r"loss_kernel='triton' is not one of \['auto', 'chunked', 'fused'\]"),
+    (dict(backend_options={"torch": {"kernel": 1}}), ConfigError, r"unknown torch backend option\(s\) \['kernel'\]"),
+    (dict(backend_options={"torch": 1}), ConfigError, "must map backend names to dicts"),
 ])
 def test_bad_config_gets_clear_errors(fields, error, message):
     with pytest.raises(error, match=message):
@@ -91,7 +93,7 @@ def test_fused_loss_head_gives_the_chunked_heads_loss_and_gradients(cls, monkeyp
 
     def run(kernel):
         torch.manual_seed(0)
-        m = cls(revnet_core.ModelConfig(**CFG, loss_kernel=kernel, loss_chunk_size=5))
+        m = cls(revnet_core.ModelConfig(**CFG, loss_chunk_size=5), loss_kernel=kernel)
         ids = torch.randint(0, 30, (2, 13), generator=torch.Generator().manual_seed(1))
         labels = ids.clone()
         labels[0, 3:6] = -100
@@ -170,3 +172,24 @@ def test_ddp_gloo_gradients_equal_single_process(tmp_path):
     (0.5 * (model(ids[:1]).loss + model(ids[1:]).loss)).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(shared[n], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_options_travel_in_the_config_section():
+    """Keywords, the config's section and build all reach the blocks: use_flash_attention=False pins SDPA to
+    its math kernel in every attention block; attention='reference' picks the plain matmuls."""
+    from revnet_torch.blocks import MATH_SDPA
+
+    via_kwargs = ReversibleTransformer(**CFG, use_flash_attention=False)
+    via_section = revnet_core.build("torch", config=revnet_core.ModelConfig(
+        **CFG, backend_options={"torch": {"use_flash_attention": False}, "jax": {"attention": "reference"}}))
+    for m in (via_kwargs, via_section):
+        assert m.config.backend_options["torch"] == {"use_flash_attention": False}
+        assert all(layer.attn.block.sdpa_backends is MATH_SDPA for layer in m.layers)
+    ref = revnet_core.build("torch", **CFG, attention="reference")
+    assert ref.options.attention == "reference" and ref.layers[0].attn.block.attention == "reference"
+
+
+def test_batch_size_zero_is_a_named_input_error():
+    model = revnet_core.build("torch", **CFG)
+    with pytest.raises(InputError, match="batch size 0"):
+        model(torch.zeros(0, 8, dtype=torch.long))

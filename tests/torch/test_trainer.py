@@ -1,5 +1,5 @@
-"""The training loop: the seed README's call shapes, accumulation, clipping, schedule, logs, plot, passkey,
-and the CPU parity smoke."""
+"""The training loop: the seed README's call shapes, accumulation, clipping, logs, plot, passkey, and the CPU
+parity smoke. The schedule, the dataset coercion and the log helpers are framework-free: tests/core."""
 
 import importlib.util
 import json
@@ -13,7 +13,8 @@ import revnet_core
 from revnet_core import ConfigError, InputError
 from revnet_zero.cli import main
 from revnet_core.data import lm_data, stdlib_corpus
-from revnet_torch.trainer import LongContextTrainer, cosine_schedule, read_log
+from revnet_core.runlog import read_log
+from revnet_torch.trainer import LongContextTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(num_layers=2, d_model=32, num_heads=2, d_ff=48, vocab_size=256, max_seq_len=64)
@@ -73,24 +74,23 @@ def test_memory_efficient_optimizer_updates_one_tensor_at_a_time():
     ("use_linear_attention_approximation", True, "linear attention is not implemented"),
     ("max_length", 128, "exceeds the model's max_seq_len=64"),
     ("gradient_accumulation_steps", 0, "must be a positive integer"),
-    ("precision", "fp16", "is not one of"),
+    ("precision", "fp8", "is not one of"),
 ])
 def test_unsupported_or_bad_keywords_raise(keyword, value, message):
     with pytest.raises(ConfigError, match=message):
         LongContextTrainer(model=tiny(), **{keyword: value})
 
 
-def test_bad_datasets_raise_clear_errors():
+def test_bad_tensor_datasets_raise_clear_errors():
+    """The rules are the core's (tests/core/test_data.py); here torch tensors of any dtype reach them."""
     trainer = LongContextTrainer(model=tiny(), progress=False)
     with pytest.raises(InputError, match="empty"):
         trainer.train(train_dataset=["", "a"], num_epochs=1)
-    with pytest.raises(InputError, match="integer token ids"):
-        trainer.train(train_dataset=[torch.randn(10)], num_epochs=1)
+    for floats in (torch.randn(10), torch.randn(10, requires_grad=True), torch.randn(10).bfloat16()):
+        with pytest.raises(InputError, match="integer token ids"):
+            trainer.train(train_dataset=[floats], num_epochs=1)
     with pytest.raises(InputError, match="outside the model's vocabulary"):
         trainer.train(train_dataset=[torch.tensor([1, 2, 300])], num_epochs=1)
-    small = LongContextTrainer(model=tiny(vocab_size=50), progress=False)
-    with pytest.raises(InputError, match="byte-tokenised"):
-        small.train(train_dataset=["some text"], num_epochs=1)
 
 
 def test_sequence_longer_than_max_length_is_refused():
@@ -138,16 +138,6 @@ def test_gradients_are_clipped_before_the_optimizer_step():
     assert len(grads) == len(logged) >= 2
     assert all(n > 0.05 for n in logged)  # the log shows the norm before clipping
     assert all(torch.nn.utils.get_total_norm(g).item() <= 0.05 * (1 + 1e-5) for g in grads)
-
-
-def test_cosine_schedule_with_warmup():
-    f = cosine_schedule(warmup=4, total=20, min_ratio=0.1)
-    assert [f(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert f(4) == 1.0
-    assert f(12) == pytest.approx(0.55)
-    assert f(20) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
-    values = [f(i) for i in range(4, 21)]
-    assert values == sorted(values, reverse=True)
 
 
 # --- through the CLI: log, plot, checkpoint, the corpus record ----------------------------------------------
@@ -305,3 +295,115 @@ def test_attention_window_size_sets_a_sliding_window_that_changes_the_model():
     assert not torch.allclose(full(ids).loss, windowed(ids).loss)
     summary = trainer.train(train_dataset=TEXTS[:2], num_epochs=1, batch_size=1)
     assert torch.isfinite(torch.tensor(summary["loss"]))
+
+
+# --- fp16 with a dynamic loss scaler (issue 24), on CPU --------------------------------------------------
+def corpus_data(seed=0):
+    return lm_data(stdlib_corpus(), seq_len=32, batch_size=4, seed=seed, eval_windows_max=4)
+
+
+def test_fp16_trains_with_fp32_streams_and_a_scaler():
+    from revnet_zero.training import ReversibleAMPTrainer
+
+    trainer = ReversibleAMPTrainer(tiny(), fp16=True, loss_scale="dynamic", keep_batchnorm_fp32=True, lr=3e-3,
+                                   warmup_steps=2, progress=False, device="cpu")
+    summary = trainer.fit(corpus_data(), steps=24)
+    losses = [r["loss"] for r in trainer.history if r["kind"] == "train"]
+    assert summary["precision"] == "fp16" and trainer.amp_dtype == torch.float16
+    assert isinstance(trainer.scaler, torch.amp.GradScaler)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5  # it learns
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert {"loss_scale", "overflow", "overflow_steps"} <= set(next(r for r in trainer.history[::-1] if r["kind"] == "train"))
+
+
+def test_an_overflow_step_is_skipped_and_counted():
+    trainer = LongContextTrainer(tiny(), precision="fp16", lr=3e-3, progress=False, device="cpu")
+    weights = {}
+
+    def before_and_after(t, record):
+        weights[record["step"]] = [p.detach().clone() for p in t.model.parameters()]
+
+    trainer.callbacks.append(before_and_after)
+    param = trainer.model.embed.weight
+    # An inf gradient in step 3 only (trainer.step is still 2 during it).
+    param.register_hook(lambda g: g * math.inf if trainer.step == 2 else g)
+    summary = trainer.fit(corpus_data(), steps=5)
+    records = {r["step"]: r for r in trainer.history if r["kind"] == "train"}
+    assert records[3]["overflow"] and not records[2]["overflow"] and not records[4]["overflow"]
+    assert records[3]["loss_scale"] == records[2]["loss_scale"] / 2  # backed off
+    assert records[5]["overflow_steps"] == summary["overflow_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights[2], weights[3]))  # the step was skipped
+    assert not all(torch.equal(a, b) for a, b in zip(weights[3], weights[4]))
+
+
+def test_fp16_resume_restores_the_scaler_bit_for_bit(tmp_path):
+    from revnet_torch import checkpoint as ckpt
+
+    def trainer(out, seed=0, **kw):
+        return LongContextTrainer(tiny(seed), precision="fp16", lr=3e-3, warmup_steps=2, out_dir=out,
+                                  progress=False, plot=False, device="cpu", **kw)
+
+    full = trainer(tmp_path / "full")
+    full.fit(corpus_data(), steps=8)
+    stop = trainer(tmp_path / "cut", callbacks=[lambda t, r: r["step"] == 4 and t.request_stop()])
+    stop.fit(corpus_data(), steps=8)
+    saved = ckpt.load_checkpoint(tmp_path / "cut")["amp"]
+    assert saved["scaler"] == stop.scaler.state_dict()
+    resumed = trainer(tmp_path / "cut", seed=5)
+    resumed.fit(corpus_data(), steps=8, resume=tmp_path / "cut")
+    expected = {r["step"]: (r["loss"], r["loss_scale"]) for r in full.history if r["kind"] == "train"}
+    got = {r["step"]: (r["loss"], r["loss_scale"]) for r in resumed.history if r["kind"] == "train"}
+    assert got == {s: expected[s] for s in range(5, 9)}
+    assert resumed.scaler.state_dict() == full.scaler.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+
+
+def test_amp_trainer_refuses_what_it_cannot_honour():
+    from revnet_zero.training import ReversibleAMPTrainer
+
+    with pytest.raises(ConfigError, match="keep_batchnorm_fp32=False"):
+        ReversibleAMPTrainer(tiny(), keep_batchnorm_fp32=False)
+    with pytest.raises(ConfigError, match="loss_scale='static'"):
+        ReversibleAMPTrainer(tiny(), loss_scale="static")
+
+
+def test_cli_fp16_run_reports_overflow_count(tmp_path, capsys):
+    code = main(["train", "--size", "tiny", "--seq-len", "32", "--steps", "3", "--batch-size", "2", "--eval-windows",
+                 "2", "--precision", "fp16", "--device", "cpu", "--no-progress", "--no-plot", "--out",
+                 str(tmp_path / "run")])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "fp16" in out.out and "overflow steps skipped" in out.out
+
+
+# --- what the CLI shows -----------------------------------------------------------------------------------
+def test_cli_no_progress_keeps_eval_lines_and_a_resume_says_so(tmp_path, capsys):
+    from revnet_core.runlog import log_figure
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    flags = ["train", "--size", "tiny", "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2", "--eval-every",
+             "2", "--data", str(text), "--no-progress", "--no-plot"]
+    assert main([*flags, "--steps", "3", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr()
+    assert "step 2: eval loss" in out.err and "step 3: eval loss" in out.err  # --no-progress hides the bar only
+    assert "held-out loss" in out.out and "(step 3)" in out.out
+    assert main([*flags, "--steps", "5", "--resume", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr()
+    assert f"revnet train: resuming {tmp_path / 'run'}" in out.err
+    assert "resumed from step 3 of" in out.err and "(resumed from step 3)" in out.out
+    fig = log_figure(read_log(tmp_path / "run" / "log.jsonl"))
+    marks = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert [line.get_xdata()[0] for line in marks] == [3] and marks[0].get_label() == "resumed"
+
+
+def test_summary_after_a_stop_says_which_step_the_held_out_loss_is_from(capsys):
+    from revnet_zero.cli import _print_summary
+
+    trainer = LongContextTrainer(tiny(), eval_every=2, progress=False,
+                                 callbacks=[lambda t, r: r["step"] == 3 and t.request_stop()])
+    summary = trainer.fit(lm_data(stdlib_corpus(), seq_len=32, batch_size=2, eval_windows_max=2), steps=10)
+    assert summary["stopped"] and summary["step"] == 3 and summary["eval"]["step"] == 2
+    _print_summary(None, summary)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "held-out loss" in x]
+    assert "(step 2)" in line
