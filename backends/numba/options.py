@@ -1,0 +1,37 @@
+"""The numba backend's section of ``ModelConfig.backend_options``: how it runs, not architecture.
+
+Imports no numba, so a config is checked (and the core's messages name these options) before numba loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from revnet_core.config import ModelConfig, backend_section
+from revnet_core.errors import ConfigError
+
+BACKEND = "numba"
+
+
+@dataclass(frozen=True)
+class NumbaOptions:
+    # numba's prange threads (attention over (batch, head), norms and activations over rows); 0 leaves
+    # numba's default, NUMBA_NUM_THREADS (all cores unless set).
+    threads: int = 0
+    attn_block: int = 128  # query and key rows per attention tile (the online softmax walks key tiles)
+    # BLAS threads (numpy's, for the blocks' matmuls), set process-wide when a model is built; 0 leaves them.
+    # 1 by default: BLAS workers spinning between calls take the cores from numba's threads (a step at 4096
+    # tokens on 2 cores: 5.6 s with 1, 11.9 s with 2).
+    blas_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "attn_block", "blas_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "attn_block"):
+                raise ConfigError(f"{name}={value!r} must be a {'positive' if name == 'attn_block' else 'non-negative'} "
+                                  "integer")
+
+
+def options(cfg: ModelConfig) -> NumbaOptions:
+    """The validated numba section of ``cfg`` (defaults for what it leaves out)."""
+    return backend_section(cfg, BACKEND, NumbaOptions)
