@@ -138,9 +138,10 @@ def backend_section(cfg: ModelConfig, backend: str, options_cls: type) -> Any:
 
 def with_backend_options(cfg: ModelConfig, backend: str, options_cls: type, **changes: Any) -> ModelConfig:
     """``cfg`` with its ``backend`` section updated by ``changes``, validated now by ``options_cls``."""
-    section = {**cfg.backend_options.get(backend, {}), **changes}
-    backend_section(cfg.replace(backend_options={backend: section}), backend, options_cls)
-    return cfg.replace(backend_options={**cfg.backend_options, backend: section})
+    new = cfg.replace(backend_options={**cfg.backend_options, backend: {**cfg.backend_options.get(backend, {}),
+                                                                        **changes}})
+    backend_section(new, backend, options_cls)
+    return new
 
 
 def model_fields(config: ModelConfig | None, fields: dict[str, Any], backend: str, options_cls: type) -> ModelConfig:

@@ -13,7 +13,7 @@ import numpy as np
 from revnet_core import policies as policy_table
 from revnet_core.config import ModelConfig, model_fields
 from revnet_core.errors import ConfigError, InputError
-from revnet_core.inputs import check_id_range, check_length
+from revnet_core.inputs import check_id_range, check_length, check_loss_length
 
 from .blocks import init_norm, norm
 from .engine import run_layers
@@ -257,8 +257,7 @@ class ReversibleTransformerJAX:
         if labels is None:
             if jnp.issubdtype(inputs.dtype, jnp.floating):
                 raise InputError("labels are required when the inputs are embeddings")
-            if inputs.shape[1] < 2:
-                raise InputError("next-token loss needs at least 2 tokens (or pass compute_loss=False)")
+            check_loss_length(inputs.shape[1])
             labels = inputs
         return shift_targets(labels)
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from revnet_core.config import ModelConfig, model_fields
 from revnet_core.errors import ConfigError, InputError, ReversibilityError
-from revnet_core.inputs import check_id_range, check_length
+from revnet_core.inputs import check_id_range, check_labels_shape, check_length, check_loss_length
 
 from .blocks import final_norm_vjp
 from .engine import check_policies, forward, run_layers
@@ -126,13 +126,12 @@ class ReversibleTransformerNumba:
         self._check_range(ids, "input_ids")
         if labels is not None:
             labels = self._check_ids(labels, "labels")
-            if labels.shape != ids.shape:
-                raise InputError(f"labels shape {tuple(labels.shape)} must match input_ids shape {tuple(ids.shape)}")
+            check_labels_shape(labels.shape, ids.shape)
             self._check_range(labels, "labels", allow_ignore=True)
         targets = None
         if compute_loss:
-            if ids.shape[1] < 2 and labels is None:
-                raise InputError("next-token loss needs at least 2 tokens (or pass compute_loss=False)")
+            if labels is None:
+                check_loss_length(ids.shape[1])
             targets = shift_targets(ids if labels is None else labels)
         return ids, targets
 

@@ -11,7 +11,7 @@ from torch import nn
 from revnet_core import policies as policy_table
 from revnet_core.config import ModelConfig, model_fields
 from revnet_core.errors import InputError
-from revnet_core.inputs import check_id_range, check_length
+from revnet_core.inputs import check_id_range, check_labels_shape, check_length, check_loss_length
 
 from .blocks import Rotary, make_norm
 from .engine import run_layers
@@ -138,14 +138,13 @@ class ReversibleTransformer(nn.Module):
         self._check_range(input_ids, "input_ids")
         if labels is not None:
             labels = self._check_ids(labels, "labels")
-            if labels.shape != input_ids.shape:
-                raise InputError(f"labels shape {tuple(labels.shape)} must match input_ids shape {tuple(input_ids.shape)}")
+            check_labels_shape(labels.shape, input_ids.shape)
             self._check_range(labels, "labels", allow_ignore=True)
         h = self.hidden(input_ids)
         loss = None
         if compute_loss:
-            if input_ids.shape[1] < 2 and labels is None:
-                raise InputError("next-token loss needs at least 2 tokens (or pass compute_loss=False)")
+            if labels is None:
+                check_loss_length(input_ids.shape[1])
             targets = shift_targets(input_ids if labels is None else labels.to(torch.int64))
             loss = lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size, self.options.loss_kernel)
         logits = self.head(h) if return_logits else None
