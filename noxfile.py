@@ -14,7 +14,7 @@ from pathlib import Path
 import nox
 
 nox.options.default_venv_backend = "none"
-nox.options.sessions = ["core", "torch", "plugins", "jax", "kernels", "numba"]
+nox.options.sessions = ["core", "torch", "plugins", "jax", "kernels", "numba", "hf"]
 
 
 @nox.session
@@ -28,7 +28,7 @@ def torch(session):
     """The PyTorch backend: engine gradients, memory accounting, model, errors; the user's namespace
     (revnet_zero) and its README examples; the README's own examples."""
     session.run("python", "-m", "pytest", "tests/torch", "tests/revnet_zero", "tests/test_docs.py",
-                "--ignore=tests/revnet_zero/test_readme_jax.py", *session.posargs)
+                "--ignore=tests/revnet_zero/test_readme_jax.py", "--ignore=tests/torch/hf", *session.posargs)
 
 
 @contextlib.contextmanager
@@ -85,3 +85,9 @@ def numba(session):
     with plugins_on_path(session, ["plugins/momentum-coupling"]) as path:
         session.run("python", "-m", "pytest", "tests/numba", *session.posargs,
                     env={"REVNET_REQUIRE_PLUGINS": "1", "PYTHONPATH": path})
+
+
+@nox.session
+def hf(session):
+    """The Hugging Face converter (revnet_torch.hf) against the transformers version ``.[dev]`` pins."""
+    session.run("python", "-m", "pytest", "tests/torch/hf", *session.posargs)

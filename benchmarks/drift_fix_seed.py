@@ -23,7 +23,7 @@ import seed_step  # noqa: E402  (the seed config and the environment record)
 MODES = ("off", "on", "on+monitor")
 
 
-def run_cell(mode: str, seq: int, layers: int, steps: int) -> dict:
+def run_cell(mode: str, seq: int, layers: int, steps: int, fields: dict) -> dict:
     import torch
 
     from revnet_torch import engine
@@ -31,7 +31,7 @@ def run_cell(mode: str, seq: int, layers: int, steps: int) -> dict:
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    model = seed_step.build("reversible", seq, layers, {}).to(dev)
+    model = seed_step.build("reversible", seq, layers, fields).to(dev)
     monitor = DriftMonitor(model, every=1) if mode.endswith("+monitor") else None
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, seed_step.SEED["vocab_size"], (1, seq), device=dev)
@@ -54,21 +54,23 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "drift_fix_seed.json"))
+    ap.add_argument("--fields", default="{}", help='model fields as JSON, e.g. \'{"stream_merge": "sum"}\'')
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.cell:
-        print(json.dumps(run_cell(args.cell, args.seq, args.layers, args.steps)))
+        print(json.dumps(run_cell(args.cell, args.seq, args.layers, args.steps, json.loads(args.fields))))
         return 0
     rows = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--cell", mode, "--seq", str(args.seq), "--layers", str(args.layers),
-               "--steps", str(args.steps)]
+               "--steps", str(args.steps), "--fields", args.fields]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         try:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             res = {"error": (proc.stderr or proc.stdout)[-2000:]}
-        rows.append({"exact_streams": mode, "seq": args.seq, "layers": args.layers, **res})
+        rows.append({"exact_streams": mode, "seq": args.seq, "layers": args.layers, "fields": json.loads(args.fields),
+                     **res})
         r = rows[-1]
         shown = "OOM" if r.get("oom") else ("ERROR " + r["error"][-300:] if "error" in r else
                                             f"{r['peak_allocated_gib']:6.2f} GiB  {r['step_s_median']:7.3f} s")

@@ -4,7 +4,9 @@ One step = forward + backward (each reversible layer rebuilt from its outputs) +
 d_model 256, 4 layers, 4 heads, vocab 256, policy ``reverse`` in both. Threads are pinned before any
 library loads (numba's prange, numpy's OpenBLAS, torch's intra-op pool). Each cell reports the median of
 ``--steps`` timed steps after one warm-up step (numba's compile is cached and never timed), and, for numba,
-where the time goes: attention's kernels, timed alone on the step's shapes, against the whole step.
+where the time goes: one more step with every kernel call of the blocks timed (attention forward and
+backward, matmuls, norms, activations, RoPE; the rest is the loss head, couplings, AdamW and Python), and
+attention's kernels timed alone on the step's shapes.
 
     python benchmarks/numba_vs_torch.py --out docs/benchmarks/numba/cpu.json
 """
@@ -66,6 +68,42 @@ def torch_cell(cfg: dict, weights: str, ids: np.ndarray, steps: int) -> dict:
     return {"backend": "torch", "step_s": med, "times_s": times}
 
 
+class KernelTimes:
+    """Patches the names ``revnet_numba.blocks`` calls its kernels by, timing each call (and each pullback the
+    registry's norms and activations return) into a category; ``restore()`` puts them back."""
+
+    def __init__(self):
+        import revnet_numba.blocks as blocks
+
+        self.blocks, self.seconds, self._saved = blocks, {}, []
+        for name, what in (("causal_attention", "attention forward"),
+                           ("causal_attention_backward", "attention backward"), ("matmul", "matmuls")):
+            self._patch(blocks, name, what)
+        for name in ("split_heads_rope", "merge_heads_rope_backward"):
+            self._patch(blocks.K, name, "rope")
+        for name, what in (("layer_norm", "norms"), ("rms_norm", "norms"), ("activation", "activations")):
+            self._patch(blocks.KI, name, what, pullback=True)
+
+    def _timed(self, fn, what, pullback=False):
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[what] = self.seconds.get(what, 0.0) + time.perf_counter() - t
+            if pullback:
+                return out[0], self._timed(out[1], what)
+            return out
+        return run
+
+    def _patch(self, module, name, what, pullback=False):
+        fn = getattr(module, name)
+        self._saved.append((module, name, fn))
+        setattr(module, name, self._timed(fn, what, pullback))
+
+    def restore(self):
+        for module, name, fn in self._saved:
+            setattr(module, name, fn)
+
+
 def numba_cell(cfg: dict, weights: str, ids: np.ndarray, steps: int) -> dict:
     from revnet_numba.attention import causal_attention, causal_attention_backward
     from revnet_numba.optim import AdamW
@@ -77,19 +115,29 @@ def numba_cell(cfg: dict, weights: str, ids: np.ndarray, steps: int) -> dict:
         opt.step(model.grads(ids))
 
     med, times = median_time(step, steps)
+    timer = KernelTimes()
+    try:
+        t0 = time.perf_counter()
+        step()
+        profiled = time.perf_counter() - t0
+    finally:
+        timer.restore()
+    breakdown = dict(timer.seconds)
+    breakdown["rest (loss head, couplings, AdamW, Python)"] = profiled - sum(timer.seconds.values())
     B, T = ids.shape
     H, hd = cfg["num_heads"], cfg["d_model"] // cfg["num_heads"]
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((B, H, T, hd)).astype(np.float32) for _ in range(3))
-    o, lse = causal_attention(q, k, v, model.layers.block.attn_block)
-    do = rng.standard_normal(o.shape).astype(np.float32)
     tile = model.layers.block.attn_block
+    o, lse = causal_attention(q, k, v, tile)
+    do = rng.standard_normal(o.shape).astype(np.float32)
     fwd, _ = median_time(lambda: causal_attention(q, k, v, tile), steps)
     bwd, _ = median_time(lambda: causal_attention_backward(q, k, v, o, lse, do, tile), steps)
     # A reverse layer's step runs attention forward twice (forward, recompute) and backward once.
     attention = cfg["num_layers"] * (2 * fwd + bwd)
     return {"backend": "numba", "step_s": med, "times_s": times, "attention_forward_s": fwd,
-            "attention_backward_s": bwd, "attention_share_of_step": attention / med}
+            "attention_backward_s": bwd, "attention_share_of_step": attention / med,
+            "profiled_step_s": profiled, "breakdown_s": breakdown}
 
 
 def main() -> int:
@@ -97,7 +145,9 @@ def main() -> int:
     ap.add_argument("--seqs", default="1024,4096")
     ap.add_argument("--threads", default="2")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--attn-block", type=int, default=128, help="numba attention tile rows (NumbaOptions)")
+    ap.add_argument("--attn-block", type=int, default=256, help="numba attention tile rows (NumbaOptions)")
+    ap.add_argument("--no-matmul-split", action="store_true",
+                    help="numba: numpy's matmul, not split over numba's threads (NumbaOptions.matmul_split)")
     ap.add_argument("--blas-threads", type=int, default=1, help="numpy BLAS threads of the numba cells (0: leave)")
     ap.add_argument("--out", default=None, help="JSON file to write (default: print only)")
     args = ap.parse_args()
@@ -105,7 +155,8 @@ def main() -> int:
     seqs = [int(s) for s in args.seqs.split(",")]
     cfg = dict(num_layers=4, d_model=256, num_heads=4, vocab_size=256, max_seq_len=max(seqs),
                backend_options={"numba": {"threads": int(args.threads), "attn_block": args.attn_block,
-                                          "blas_threads": args.blas_threads}})
+                                          "blas_threads": args.blas_threads,
+                                          "matmul_split": not args.no_matmul_split}})
     torch_cfg = {k: v for k, v in cfg.items() if k != "backend_options"}
     os.makedirs("runs", exist_ok=True)
     weights = os.path.join("runs", "numba_vs_torch.safetensors")
@@ -120,6 +171,9 @@ def main() -> int:
         rows.append(row)
         print(f"seq {T}: torch {t['step_s']:.3f} s, numba {n['step_s']:.3f} s, ratio {row['numba_over_torch']:.2f}x, "
               f"attention {100 * n['attention_share_of_step']:.0f}% of the numba step", flush=True)
+        parts = sorted(n["breakdown_s"].items(), key=lambda kv: -kv[1])
+        print("    numba step (one profiled step, %.3f s): " % n["profiled_step_s"]
+              + ", ".join(f"{k} {100 * v / n['profiled_step_s']:.0f}%" for k, v in parts), flush=True)
     result = {
         "command": "python " + " ".join(sys.argv),
         "cpu": cpu_name(), "cores": os.cpu_count(), "threads": int(args.threads),
@@ -129,7 +183,11 @@ def main() -> int:
         "step": "forward + backward + AdamW",
         "rows": rows,
     }
-    if args.out:
+    out = args.out
+    if out is None and os.environ.get("OUT"):
+        out = os.path.join(os.environ["OUT"], "numba_vs_torch.json")
+    if out:
+        args.out = out
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -22,12 +22,26 @@ import time
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
-def build(depth: int, coupling: str, weights: str, d_model: int, heads: int, seq: int, seed: int = 0):
-    """A model of ``depth`` layers; ``weights="trained"``: every matrix N(0, 1/fan_in) (trained-like sizes)."""
+def build(depth: int, coupling: str, weights: str, d_model: int, heads: int, seq: int, seed: int = 0,
+          checkpoint: str | None = None):
+    """A model of ``depth`` layers; ``weights="trained"``: every matrix N(0, 1/fan_in) (trained-like sizes);
+    ``weights="checkpoint"``: the layers of a ``revnet train`` checkpoint, repeated in order to fill
+    ``depth`` (actually trained weights at any depth), with its embedding, final norm and head."""
     import torch
 
     import revnet_core
 
+    if weights == "checkpoint":
+        from revnet_torch.generate import load_for_inference
+
+        trained = load_for_inference(checkpoint)
+        model = revnet_core.build("torch", config=trained.config.replace(num_layers=depth))
+        with torch.no_grad():
+            for name in ("embed", "norm", "head"):
+                getattr(model, name).load_state_dict(getattr(trained, name).state_dict())
+            for i, layer in enumerate(model.layers):
+                layer.load_state_dict(trained.layers[i % len(trained.layers)].state_dict())
+        return model.train()
     torch.manual_seed(seed)
     model = revnet_core.build("torch", num_layers=depth, d_model=d_model, num_heads=heads, vocab_size=256,
                               max_seq_len=seq, coupling=coupling)
@@ -84,7 +98,7 @@ def rel(a, b) -> float:
 def measure(depth: int, coupling: str, weights: str, precision: str, args) -> dict:
     import torch
 
-    model = build(depth, coupling, weights, args.d_model, args.heads, args.seq)
+    model = build(depth, coupling, weights, args.d_model, args.heads, args.seq, checkpoint=args.checkpoint)
     ids = torch.randint(0, 256, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     fp32_store = grads(model, ids, "store", "fp32", exact=False)
     store = grads(model, ids, "store", precision, exact=False)
@@ -125,7 +139,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depths", default="8,24,48,96")
     ap.add_argument("--couplings", default="additive,affine")
-    ap.add_argument("--weights", default="init,trained")
+    ap.add_argument("--weights", default="init,trained", help="init, trained (N(0, 1/fan_in)), checkpoint")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--heads", type=int, default=4)
@@ -133,8 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--exact", action="store_true", help="also measure the fixes (exact streams, anchors)")
     ap.add_argument("--anchor", type=int, default=8, help="a store layer every this many layers")
+    ap.add_argument("--checkpoint", default=None, help="a `revnet train` checkpoint (or run folder) for "
+                    "--weights checkpoint: its trained layers, repeated to each depth")
     ap.add_argument("--out", default=None, help="path prefix: writes PREFIX.json and PREFIX.md")
     args = ap.parse_args(argv)
+    if "checkpoint" in args.weights.split(",") and not args.checkpoint:
+        ap.error("--weights checkpoint needs --checkpoint PATH")
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -5,6 +5,10 @@ the ``register_kernels(register)`` pluggy hook collected by ``revnet_core.regist
 highest-priority record whose device kinds, dtypes and shape predicate accept the call; records that failed
 at run time are skipped from then on.
 
+Each record names the array frameworks it takes (``frameworks``, default torch's): the torch blocks select
+among torch records, the numba backend among numpy ones (``select(..., framework="numba")``), so a CPU
+kernel of one framework is never handed the other's arrays.
+
 Forcing, for debugging: ``select(..., impl="reference")`` or the environment variable ``REVNET_KERNELS``,
 either one name for every operation (``REVNET_KERNELS=reference``) or per operation
 (``REVNET_KERNELS=attention=reference,rms_norm=triton``). A forced implementation skips the device check
@@ -53,6 +57,8 @@ class KernelImpl:
     requires: tuple[str, ...] = ()
     is_reference: bool = False  # the ground truth: nothing to fall back to
     description: str = ""
+    # The array frameworks whose arrays it takes ("torch", "numba" (numpy arrays), ...); ANY for all.
+    frameworks: frozenset[str] = frozenset({"torch"})
 
     @property
     def name(self) -> str:
@@ -64,6 +70,9 @@ class KernelImpl:
         if ANY not in self.dtypes and dtype not in self.dtypes:
             return False
         return self.supports is None or bool(self.supports(meta))
+
+    def serves(self, framework: str) -> bool:
+        return ANY in self.frameworks or framework in self.frameworks
 
     def importable(self) -> bool:
         return all(_module_available(m) for m in self.requires)
@@ -97,7 +106,7 @@ def _module_available(name: str) -> bool:
 class _Table:
     records: list[KernelImpl] = field(default_factory=list)
     plugins: dict[str, str] = field(default_factory=dict)  # record name -> plugin that registered it
-    by_op: dict[str | None, list[KernelImpl]] = field(default_factory=dict)  # implementations(), memoised
+    by_op: dict[tuple, list[KernelImpl]] = field(default_factory=dict)  # implementations(), memoised
     # select()'s answers by (op, device kind, dtype, forced name, meta items): blocks call an op per layer
     # per step, and a cold selection (scan, predicates, import checks) costs about 13 us. Cleared when a
     # kernel failure is recorded or forgotten; a new plugin registry builds a new table.
@@ -131,13 +140,15 @@ def _forget_selections() -> None:
         _current.selected.clear()
 
 
-def implementations(op: str | None = None) -> list[KernelImpl]:
-    """Every registered record (of ``op``), highest priority first."""
+def implementations(op: str | None = None, framework: str | None = "torch") -> list[KernelImpl]:
+    """Every registered record (of ``op``) that serves ``framework`` (None: any), highest priority first."""
     table = _table()
-    if op not in table.by_op:
-        recs = [r for r in table.records if op is None or r.op == op]
-        table.by_op[op] = sorted(recs, key=lambda r: -r.priority)
-    return list(table.by_op[op])
+    key = (op, framework)
+    if key not in table.by_op:
+        recs = [r for r in table.records
+                if (op is None or r.op == op) and (framework is None or r.serves(framework))]
+        table.by_op[key] = sorted(recs, key=lambda r: -r.priority)
+    return list(table.by_op[key])
 
 
 def operations() -> list[str]:
@@ -182,39 +193,42 @@ def forced_impl(op: str) -> str | None:
     return None
 
 
-def select(op: str, device: Any, dtype: Any, meta: Mapping[str, Any] | None = None, impl: str | None = None
-           ) -> KernelImpl:
-    """The implementation of ``op`` for this device, dtype and shape facts.
+def select(op: str, device: Any, dtype: Any, meta: Mapping[str, Any] | None = None, impl: str | None = None,
+           framework: str = "torch") -> KernelImpl:
+    """The implementation of ``op`` for this device, dtype and shape facts, among ``framework``'s records.
 
     ``impl`` (or ``REVNET_KERNELS``) forces one by name; otherwise the highest-priority record that accepts
     the call and has not failed on this device kind. Answers are cached per (op, device kind, dtype, forced
-    name, meta), so a record's ``supports`` must depend on ``meta`` alone.
+    name, meta, framework), so a record's ``supports`` must depend on ``meta`` alone.
     """
-    return _cached_select(op, device_kind(device), dtype_name(dtype), meta, impl or forced_impl(op))
+    return _cached_select(op, device_kind(device), dtype_name(dtype), meta, impl or forced_impl(op), framework)
 
 
-def _cached_select(op: str, kind: str, dname: str, meta: Mapping[str, Any] | None, forced: str | None
-                   ) -> KernelImpl:
+def _cached_select(op: str, kind: str, dname: str, meta: Mapping[str, Any] | None, forced: str | None,
+                   framework: str = "torch") -> KernelImpl:
     table = _table()
     try:
-        key = (op, kind, dname, forced, tuple(meta.items()) if meta else ())
+        key = (op, kind, dname, forced, tuple(meta.items()) if meta else (), framework)
         hit = table.selected.get(key)
     except TypeError:  # an unhashable fact: select without the cache
         key, hit = None, None
     if hit is not None:
         return hit
-    rec = _select(op, kind, dname, dict(meta or {}), forced)
+    rec = _select(op, kind, dname, dict(meta or {}), forced, framework)
     if key is not None:
         table.selected[key] = rec
     return rec
 
 
-def _select(op: str, kind: str, dname: str, meta: dict[str, Any], forced: str | None) -> KernelImpl:
+def _select(op: str, kind: str, dname: str, meta: dict[str, Any], forced: str | None, framework: str = "torch"
+            ) -> KernelImpl:
     from revnet_core.errors import UnknownNameError
 
-    records = implementations(op)
+    records = implementations(op, framework)
     if not records:
-        raise UnknownNameError(f"unknown kernel operation {op!r}; registered: {', '.join(operations()) or 'none'}")
+        where = "" if framework == "torch" else f" for framework {framework!r}"
+        raise UnknownNameError(f"unknown kernel operation {op!r}{where}; registered: "
+                               f"{', '.join(operations()) or 'none'}")
     if forced is not None:
         for rec in records:
             if rec.impl == forced:
@@ -234,7 +248,7 @@ def _select(op: str, kind: str, dname: str, meta: dict[str, Any], forced: str | 
 
 
 def dispatch(op: str, args: tuple, kwargs: Mapping[str, Any], *, device: Any, dtype: Any,
-             meta: Mapping[str, Any] | None = None, impl: str | None = None) -> Any:
+             meta: Mapping[str, Any] | None = None, impl: str | None = None, framework: str = "torch") -> Any:
     """Run the selected implementation of ``op`` on ``args``; on a kernel failure warn once and run the next.
 
     Inputs must be validated before this is called: every exception raised here is taken to be the
@@ -242,7 +256,7 @@ def dispatch(op: str, args: tuple, kwargs: Mapping[str, Any], *, device: Any, dt
     """
     name = impl or forced_impl(op)
     forced = name is not None
-    rec = _cached_select(op, device_kind(device), dtype_name(dtype), meta, name)
+    rec = _cached_select(op, device_kind(device), dtype_name(dtype), meta, name, framework)
     while True:
         token = _auto_selected.set(None if forced else rec)
         try:
@@ -253,7 +267,7 @@ def dispatch(op: str, args: tuple, kwargs: Mapping[str, Any], *, device: Any, dt
             _failed[(op, rec.impl, device_kind(device))] = f"{type(exc).__name__}: {exc}"
             _forget_selections()
             try:
-                nxt = select(op, device, dtype, meta)
+                nxt = select(op, device, dtype, meta, framework=framework)
             except ValueError:
                 raise exc from None
             _warn_fallback(rec, device, exc, nxt)
@@ -319,9 +333,10 @@ EXAMPLE_META: dict[str, dict[str, Any]] = {
 }
 
 
-def describe(device: Any = "cpu", dtype: Any = "bfloat16", meta: Mapping[str, Mapping[str, Any]] | None = None
-             ) -> list[dict[str, str]]:
-    """What each operation selects on ``device`` for ``dtype`` (for ``revnet info``), one dict per op.
+def describe(device: Any = "cpu", dtype: Any = "bfloat16", meta: Mapping[str, Mapping[str, Any]] | None = None,
+             framework: str = "torch") -> list[dict[str, str]]:
+    """What each operation of ``framework`` selects on ``device`` for ``dtype`` (for ``revnet info``), one
+    dict per op.
 
     ``meta`` gives per-op shape facts; by default the seed model's (``EXAMPLE_META``).
     """
@@ -329,11 +344,14 @@ def describe(device: Any = "cpu", dtype: Any = "bfloat16", meta: Mapping[str, Ma
     table = _table()
     meta = EXAMPLE_META if meta is None else meta
     for op in operations():
+        candidates = [r.impl for r in implementations(op, framework)]
+        if not candidates:
+            continue
         try:
-            rec = select(op, device, dtype, meta.get(op, {}))
+            rec = select(op, device, dtype, meta.get(op, {}), framework=framework)
             chosen, plugin = rec.impl, table.plugins.get(rec.name, "")
         except ValueError as exc:
             chosen, plugin = f"none ({exc})", ""
         rows.append({"op": op, "device": device_kind(device), "dtype": dtype_name(dtype), "impl": chosen,
-                     "plugin": plugin, "candidates": ", ".join(r.impl for r in implementations(op))})
+                     "plugin": plugin, "candidates": ", ".join(candidates)})
     return rows

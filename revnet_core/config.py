@@ -14,6 +14,12 @@ ACTIVATIONS = ("gelu", "gelu_exact", "relu", "silu", "geglu", "swiglu")
 GATED_ACTIVATIONS = ("geglu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 STREAM_DTYPES = ("float32", "float64", "bfloat16", "float16")
+# How the two streams become the final hidden state. Both start from the embedding e, so their mean holds
+# e + (sum F + sum G) / 2: "sum" subtracts the extra e, giving the plain residual stream's e + sum F + sum G
+# (halved; the final norm is scale-free). Measured better (docs/benchmarks/parity.md); "mean" is the
+# merge of models saved before the field existed.
+STREAM_MERGES = ("sum", "mean")
+LEGACY_DEFAULTS = {"stream_merge": "mean"}  # fields a saved config may lack, and what such a model used
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     stream_dtype: str = "float32"  # the two residual streams; never below the parameters' dtype
+    stream_merge: str = "sum"  # STREAM_MERGES: how the two streams become the final hidden state
     policy: str = policies.DEFAULT  # per-layer default: a name of revnet_core.policies
     loss_chunk_size: int = 1024  # tokens per chunk of the LM head: bounds the logits held at once
     ffn_chunk_size: int = 16384  # tokens per chunk of the FFN (0: whole sequence): bounds its 4x-wide intermediate
@@ -69,6 +76,12 @@ class ModelConfig:
                            for n, b in sorted(owners.items()))
             raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}{hint}")
         return cls(**kwargs)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> "ModelConfig":
+        """A config read back from a checkpoint or file: fields it predates take the value its model used
+        (``LEGACY_DEFAULTS``), not today's default, so an old model rebuilds the function it was trained as."""
+        return cls.from_kwargs(**{**LEGACY_DEFAULTS, **saved})
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -114,6 +127,7 @@ def validate(cfg: ModelConfig) -> None:
     _choice(cfg, "activation", ACTIVATIONS)
     _choice(cfg, "norm", NORMS)
     _choice(cfg, "stream_dtype", STREAM_DTYPES)
+    _choice(cfg, "stream_merge", STREAM_MERGES)
     policies.check(cfg.policy)
     if not isinstance(cfg.backend_options, dict) or not all(
             isinstance(k, str) and isinstance(v, dict) for k, v in cfg.backend_options.items()):

@@ -27,3 +27,27 @@ class ReversibilityError(RevNetError, RuntimeError):
 class BackendFeatureError(RevNetError, LookupError):
     """An installed backend lacks a part a command needs (a trainer, a bench, ...); the message names it and
     the backends that have one."""
+
+
+class TrainingError(RevNetError):
+    """Training cannot go on (a non-finite loss or gradient, out of memory); the message says what to change."""
+
+
+class CheckpointError(RevNetError):
+    """A checkpoint is missing, corrupt, truncated, or was written by an incompatible run."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """The file's bytes are damaged: a checksum fails or the file cannot be parsed."""
+
+
+class CheckpointTruncatedError(CheckpointCorruptError):
+    """The file ends early (a copy or a write cut short)."""
+
+
+class CheckpointUnsafeError(CheckpointError):
+    """The file holds pickled code or objects that safe loading refuses to run."""
+
+
+class CheckpointIncompatibleError(CheckpointError):
+    """A sound file that does not fit: another format, backend, model config or run settings."""

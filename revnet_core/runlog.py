@@ -14,6 +14,36 @@ PLOT_NAME = "train.png"
 RESULT_NAME = "run.json"
 
 
+class RunLog:
+    """A trainer's records: each kept in ``history`` and, once opened with a folder, appended to its
+    log.jsonl, flushed per record (a resumed run's log cut back to the step it resumes from)."""
+
+    def __init__(self, history: list[dict[str, Any]]):
+        self.history = history
+        self._file = None
+
+    def open(self, out_dir: Path | None, header: dict[str, Any], start: int) -> None:
+        """Start the log with ``header`` (a run or resume record); ``start`` > 0 continues an existing one."""
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / LOG_NAME
+            if start > 0 and path.exists():
+                truncate_log(path, start)
+            self._file = open(path, "a" if start > 0 else "w")
+        self.emit(header)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The records of a ``log.jsonl``."""
     with open(path) as f:

@@ -12,6 +12,7 @@ from revnet_core import __version__
 _EXPORTS = {
     "ReversibleTransformer": "revnet_zero.models",
     "MemoryScheduler": "revnet_zero.memory",
+    "convert_to_reversible": "revnet_torch.hf",
 }
 _SUBMODULES = ("benchmarks", "configs", "jax", "kernels", "layers", "memory", "models", "training", "utils")
 

@@ -1,4 +1,4 @@
-"""The ``revnet`` command: ``train``, ``bench``, ``info``, ``plugins``.
+"""The ``revnet`` command: ``train``, ``bench``, ``generate``, ``info``, ``plugins``.
 
 Importing this module imports no framework: settings, data and the model config are checked in the
 framework-free core, and only then does a command load what it needs from the backend's record
@@ -214,6 +214,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"revnet: error: {r['model']} at {r['seq']} tokens: {r['error'].splitlines()[-1][:300]}", file=sys.stderr)
     return 1 if failed else 0
 
+# --- generate ----------------------------------------------------------------------------------------
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--checkpoint", required=True, metavar="PATH",
+      help="a training checkpoint: runs/NAME/checkpoint.pt or its folder")
+    a("--prompt", required=True, metavar="TEXT", help="text to continue (its UTF-8 bytes are the ids)")
+    a("--max-new-tokens", type=int, default=200, metavar="N", help="bytes to generate (default: 200)")
+    a("--temperature", type=float, default=1.0, metavar="X", help="0: greedy; else softmax(logits / X) (default: 1.0)")
+    a("--top-k", type=int, default=None, metavar="N", help="draw from the N most likely only (default: all)")
+    a("--seed", type=int, default=0, metavar="N", help="seed of the draws (default: 0)")
+    a("--device", default="auto", metavar="NAME", help="auto (GPU when present), cpu, cuda, cuda:1 (default: auto)")
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    # The checks that need no framework come first, so a typo costs no torch import.
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise ConfigError(f"--temperature={args.temperature} must be a finite number >= 0 (0: greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k={args.top_k} must be >= 1")
+    path = Path(args.checkpoint)
+    if not (path.is_file() or (path / "checkpoint.pt").is_file()):
+        raise ConfigError(f"--checkpoint {args.checkpoint!r}: no such checkpoint file (or folder holding "
+                          "checkpoint.pt)")
+    from revnet_torch.generate import generate_text, load_for_inference  # checkpoints are torch's (issue 19)
+
+    model = load_for_inference(path, args.device)
+    text = generate_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         seed=args.seed)
+    print(text)
+    return 0
+
 # --- info / plugins ------------------------------------------------------------------------------------
 def _version(dist: str) -> str | None:
     try:
@@ -299,6 +331,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
               cmd_train),
     "bench": ("training-step memory, time and energy of built-in models (a subprocess per cell on a GPU)",
               _add_bench_arguments, cmd_bench),
+    "generate": ("continue a prompt with a trained checkpoint (byte-level models; KV cache)",
+                 _add_generate_arguments, cmd_generate),
     "info": ("installed backends, couplings, kernels, plugins, versions and the device", lambda p: None, cmd_info),
     "plugins": ("the plugins and what each registered", _add_plugins_arguments, cmd_plugins),
 }

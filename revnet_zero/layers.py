@@ -10,6 +10,7 @@ their base is ``revnet_core.BaseCoupling``.
 from revnet_core.couplings import AdditiveCoupling, AffineCoupling, CouplingType
 from revnet_torch.layers import PairCoupling as BaseCoupling
 from revnet_torch.layers import ReversibleAttention, ReversibleFFN, ReversibleLayer, ReversibleSequence
+from revnet_torch.rf_attention import RationalFourierAttention
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "BaseCoupling", "CouplingType", "ReversibleAttention",
-           "ReversibleFFN", "ReversibleLayer", "ReversibleSequence"]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "BaseCoupling", "CouplingType", "RationalFourierAttention",
+           "ReversibleAttention", "ReversibleFFN", "ReversibleLayer", "ReversibleSequence"]

@@ -43,6 +43,7 @@ class BlockConfig:
     attention_dropout: float = 0.0
     compute_dtype: str | None = None  # matmul dtype; None: the parameters' dtype (torch: autocast off)
     ffn_chunk_size: int = 0  # tokens per FFN chunk (0: whole sequence); bounds the (T, d_ff) intermediate
+    window: int | None = None  # sliding-window attention: query i sees keys i - window < j <= i (None: all j <= i)
 
     @property
     def head_dim(self) -> int:
@@ -107,15 +108,23 @@ def dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
-def reference_attention(q, k, v, dropout_rate: float = 0.0, key=None):
-    """Plain causal attention, (B, T, H, hd) -> (B, T, H, hd): the ground truth the kernels are tested on.
+def band_mask(T: int, window: int | None = None):
+    """(T, T) bool, True where query i (row) may see key j (column): j <= i, and i - window < j with a window."""
+    i = jnp.arange(T)[:, None]
+    j = jnp.arange(T)[None, :]
+    return (j <= i) if window is None else (j <= i) & (j > i - window)
+
+
+def reference_attention(q, k, v, dropout_rate: float = 0.0, key=None, window: int | None = None):
+    """Plain causal attention, (B, T, H, hd) -> (B, T, H, hd): the ground truth the kernels are tested on;
+    with ``window``, query i sees only keys i - window < j <= i (``band_mask``).
 
     Scores and softmax in promote(q.dtype, float32); probabilities cast back to v's dtype.
     """
     T, hd = q.shape[1], q.shape[-1]
     precision = jax.lax.Precision.HIGHEST if q.dtype.itemsize >= 4 else None
     scores = jnp.einsum("bthd,bshd->bhts", q, k, precision=precision).astype(_wide(q.dtype)) / math.sqrt(hd)
-    mask = jnp.tril(jnp.ones((T, T), dtype=bool))
+    mask = band_mask(T, window)
     probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)  # (B, H, T, T)
     probs = dropout(probs, dropout_rate, key).astype(v.dtype)
     return jnp.einsum("bhts,bshd->bthd", probs, v, precision=precision)
@@ -135,6 +144,18 @@ def attention_implementation(cfg: BlockConfig, dtype, training: bool) -> str:
     return "xla"
 
 
+def fused_attention(q, k, v, implementation: str, window: int | None = None):
+    """``jax.nn.dot_product_attention`` (``implementation`` "xla" or "cudnn"), causal, over the last ``window``
+    positions when given; (B, T, H, hd) -> (B, T, H, hd)."""
+    # A token sees itself and the window - 1 before it: (left, right) = (window - 1, 0), as torch's band.
+    local = None if window is None else (window - 1, 0)
+    # XLA's kernel takes the default matmul precision, TF32 for float32 on recent GPUs: pin full precision.
+    precision = "highest" if q.dtype.itemsize >= 4 else None
+    with jax.default_matmul_precision(precision):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(q.shape[-1]),
+                                            local_window_size=local, implementation=implementation)
+
+
 def attention_block(p, x, key, cfg: BlockConfig):
     """F(x) = proj(attention(rope(q), rope(k), v)) over norm(x); (B, T, d) -> (B, T, out_features) in
     promote(compute dtype, float32).
@@ -151,13 +172,9 @@ def attention_block(p, x, key, cfg: BlockConfig):
     k_attn, k_out = jax.random.split(key) if key is not None else (None, None)
     impl = attention_implementation(cfg, cd, key is not None)
     if impl == "reference":
-        o = reference_attention(q, k, v, cfg.attention_dropout, k_attn)
+        o = reference_attention(q, k, v, cfg.attention_dropout, k_attn, window=cfg.window)
     else:
-        # XLA's kernel takes the default matmul precision, TF32 for float32 on recent GPUs: pin full precision.
-        precision = "highest" if jnp.dtype(cd).itemsize >= 4 else None
-        with jax.default_matmul_precision(precision):
-            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=1.0 / math.sqrt(cfg.head_dim),
-                                             implementation=impl)
+        o = fused_attention(q, k, v, impl, cfg.window)
     o = o.reshape(B, T, d)  # (B, T, d)
     return dropout(linear(o, p["proj"]["weight"], cd), cfg.dropout, k_out)
 

@@ -44,7 +44,7 @@ class LayerStatic:
             activation=config.activation, norm=config.norm, norm_eps=config.norm_eps, rope_base=config.rope_base,
             attention=opts.attention, use_flash_attention=opts.use_flash_attention, dropout=config.dropout,
             attention_dropout=config.attention_dropout, compute_dtype=compute_dtype,
-            ffn_chunk_size=config.ffn_chunk_size,
+            ffn_chunk_size=config.ffn_chunk_size, window=config.attention_window,
         )
         return cls(block, cf, cg)
 

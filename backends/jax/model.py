@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -71,9 +72,6 @@ class ReversibleTransformerJAX:
     def __init__(self, config: ModelConfig | None = None, *, use_scan: bool = True, compute_dtype: Any = None,
                  param_dtype: Any = "float32", seed: int = 0, params: Any = None, **fields):
         config = model_fields(config, fields, "jax", JAXOptions)
-        if config.attention_window is not None:
-            raise ConfigError(f"attention_window={config.attention_window}: sliding-window attention is built in "
-                              "the torch backend only; leave it None for JAX")
         # attn_head_chunk needs nothing here: XLA schedules the heads itself (the function is the same).
         self.config = config
         self.use_scan = bool(use_scan)
@@ -151,6 +149,14 @@ class ReversibleTransformerJAX:
                 raise ConfigError(f"policy={p!r} is not built in the JAX backend yet; JAX takes "
                                   f"{list(policy_table.WHOLE_LAYER)}")
         self.policies = policies
+        self._jitted.clear()
+
+    def set_attention_window(self, window: int | None) -> None:
+        """Sliding-window attention in every layer: each token sees itself and the ``window - 1`` before it
+        (None: every token before it), as torch's ``set_attention_window``. Functions already traced keep
+        the window they were traced with."""
+        self.config = self.config.replace(attention_window=window)  # validates
+        self.static = dataclasses.replace(self.static, block=dataclasses.replace(self.static.block, window=window))
         self._jitted.clear()
 
     def replace(self, **options) -> "ReversibleTransformerJAX":
@@ -247,7 +253,12 @@ class ReversibleTransformerJAX:
         x1, x2 = self.embed(params, inputs)
         y1, y2 = run_layers(self.static, self.policies, params["layers"], self._layer_keys(key), x1, x2,
                             use_scan=self.use_scan, remat_policy=self.remat_policy, offload=self.offload)
-        return norm(params["norm"], (y1 + y2) * 0.5, self.config.norm, self.config.norm_eps)
+        merged = (y1 + y2) * 0.5
+        if self.config.stream_merge == "sum":
+            # Both streams start from the embedding e: less e / 2, the mean is the residual stream's
+            # e + sum F + sum G, halved (torch's merge_streams, rounded alike: halving is exact).
+            merged = merged - x1 * 0.5
+        return norm(params["norm"], merged, self.config.norm, self.config.norm_eps)
 
     def apply(self, params, inputs, *, key=None):
         """Logits (B, T, V) in >= float32 for ids (B, T) or embeddings (B, T, d)."""

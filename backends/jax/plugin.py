@@ -14,9 +14,10 @@ def build(config, *, weights=None):
     return model
 
 
-# No trainer and no bench yet (the JAX trainer is its own issue): `revnet train --backend jax` says so.
+# No bench yet (issue 17): `revnet bench --backend jax` says so.
 RECORD = BackendRecord(
     "jax", build,
+    trainer="revnet_jax.trainer",
     scheduler="revnet_jax.scheduler",
     memory="revnet_jax.memory",
     options="revnet_jax.options:JAXOptions",

@@ -6,7 +6,9 @@ copies) and maps a stream (B, T, d) to a function output (B, T, out_features) in
 (float32 or float64); out_features is the coupling's (d additive, 2d affine). ``block.vjp(x)`` returns
 ``(block(x), pullback)`` with ``pullback(ct) -> (dx, dparams)``, the contract of ``revnet_core.sweep``;
 the pullback's closure holds the residuals, so what a ``store`` layer keeps is exactly what its closures
-reach. Matmuls go through numpy's BLAS; the rest through the numba kernels. The math is the torch backend's
+reach. Matmuls go through BLAS (split over numba's threads, ``matmul``); norms and activations through the
+kernel registry (``kernel_impls``: the numba kernels unless a plugin ranks higher); RoPE and attention
+through the numba kernels. The math is the torch backend's
 (``backends/torch/blocks.py``): pre-norm, RoPE with the canonical angles, GELU-tanh for "gelu", gated
 activations with the activated half first.
 """
@@ -19,8 +21,10 @@ import numpy as np
 
 from revnet_core.config import GATED_ACTIVATIONS
 
+from . import kernel_impls as KI
 from . import kernels as K
 from .attention import causal_attention, causal_attention_backward
+from .matmul import matmul
 
 GATED = GATED_ACTIVATIONS
 
@@ -38,7 +42,8 @@ class BlockConfig:
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
     ffn_chunk_size: int = 0  # tokens per FFN chunk (0: whole sequence), torch's chunks
-    attn_block: int = 128
+    attn_block: int = 256
+    matmul_split: bool = True  # the big matmuls over numba's threads (``matmul``), else numpy's own
 
     @property
     def head_dim(self) -> int:
@@ -48,27 +53,19 @@ class BlockConfig:
 # --- norms ----------------------------------------------------------------------------------------------
 def norm_vjp(p: dict, x2: np.ndarray, kind: str, eps: float):
     """LayerNorm (p["norm.weight"], p["norm.bias"]) or RMSNorm of rows x2 (N, d): (y, pullback), pullback(dy)
-    -> (dx, {"norm.weight": ..., ["norm.bias": ...]})."""
-    w = p["norm.weight"]
-    y = np.empty_like(x2)
-    rstd = np.empty(x2.shape[0], x2.dtype)
+    -> (dx, {"norm.weight": ..., ["norm.bias": ...]}). The kernel comes from the registry (``kernel_impls``)."""
     if kind == "rmsnorm":
-        K.rmsnorm_forward(x2, w, eps, y, rstd)
-    else:
-        mean = np.empty_like(rstd)
-        K.layernorm_forward(x2, w, p["norm.bias"], eps, y, mean, rstd)
+        y, pull = KI.rms_norm(x2, p["norm.weight"], eps)
 
-    def pullback(dy):
-        dy = np.ascontiguousarray(dy, x2.dtype)
-        dx = np.empty_like(x2)
-        n = K.partials(x2.shape[0])
-        dw = np.empty((n, x2.shape[1]), x2.dtype)
-        if kind == "rmsnorm":
-            K.rmsnorm_backward(dy, x2, rstd, w, dx, dw)
-            return dx, {"norm.weight": dw.sum(0)}
-        db = np.empty_like(dw)
-        K.layernorm_backward(dy, x2, mean, rstd, w, dx, dw, db)
-        return dx, {"norm.weight": dw.sum(0), "norm.bias": db.sum(0)}
+        def pullback(dy):
+            dx, dw = pull(dy)
+            return dx, {"norm.weight": dw}
+    else:
+        y, pull = KI.layer_norm(x2, p["norm.weight"], p["norm.bias"], eps)
+
+        def pullback(dy):
+            dx, dw, db = pull(dy)
+            return dx, {"norm.weight": dw, "norm.bias": db}
 
     return y, pullback
 
@@ -104,11 +101,17 @@ class RopeCache:
         return self._tables
 
 
+def _matmul(cfg: BlockConfig):
+    split = cfg.matmul_split
+    return lambda a, b: matmul(a, b, split)
+
+
 class AttentionBlock:
     """F(x) = proj(attention(rope(q), rope(k), v)) over norm(x): (B, T, d) -> (B, T, out_features)."""
 
     def __init__(self, params: dict, cfg: BlockConfig, rope: RopeCache):
         self.params, self.cfg, self.rope = params, cfg, rope
+        self.matmul = _matmul(cfg)
 
     def __call__(self, x):
         return self.vjp(x, keep=False)[0]
@@ -121,29 +124,30 @@ class AttentionBlock:
         dtype = p["qkv.weight"].dtype
         x2 = _rows(x, dtype)
         h, norm_pull = norm_vjp(p, x2, cfg.norm, cfg.norm_eps)
-        qkv = (h @ p["qkv.weight"].T).reshape(B, T, 3, H, hd)
+        mm = self.matmul
+        qkv = mm(h, p["qkv.weight"].T).reshape(B, T, 3, H, hd)
         cos, sin = self.rope.tables(T, dtype)
         q, k, v = (np.empty((B, H, T, hd), dtype) for _ in range(3))
         K.split_heads_rope(qkv, cos, sin, q, k, v)
         del qkv
         o, lse = causal_attention(q, k, v, cfg.attn_block)  # o (B, T, H, hd)
         o2 = o.reshape(B * T, d)
-        out = (o2 @ p["proj.weight"].T).reshape(B, T, -1)
+        out = mm(o2, p["proj.weight"].T).reshape(B, T, -1)
         if not keep:
             return out, None
 
         def pullback(ct):
             ct2 = _rows(ct, dtype)
-            grads = {"proj.weight": ct2.T @ o2}
-            do = (ct2 @ p["proj.weight"]).reshape(B, T, H, hd)
+            grads = {"proj.weight": mm(ct2.T, o2)}
+            do = mm(ct2, p["proj.weight"]).reshape(B, T, H, hd)
             dq, dk, dv = causal_attention_backward(q, k, v, o, lse, do, cfg.attn_block)
             del do
             dqkv = np.empty((B, T, 3, H, hd), dtype)
             K.merge_heads_rope_backward(dq, dk, dv, cos, sin, dqkv)
             del dq, dk, dv
             dqkv = dqkv.reshape(B * T, 3 * d)
-            grads["qkv.weight"] = dqkv.T @ h
-            dx, dnorm = norm_pull(dqkv @ p["qkv.weight"])
+            grads["qkv.weight"] = mm(dqkv.T, h)
+            dx, dnorm = norm_pull(mm(dqkv, p["qkv.weight"]))
             grads.update(dnorm)
             return dx.reshape(B, T, d).astype(x.dtype, copy=False), grads
 
@@ -165,6 +169,7 @@ class FeedForwardBlock:
 
     def __init__(self, params: dict, cfg: BlockConfig):
         self.params, self.cfg = params, cfg
+        self.matmul = _matmul(cfg)
 
     def __call__(self, x):
         return self.vjp(x, keep=False)[0]
@@ -176,24 +181,21 @@ class FeedForwardBlock:
         dtype = p["up.weight"].dtype
         x2 = _rows(x, dtype)
         h, norm_pull = norm_vjp(p, x2, cfg.norm, cfg.norm_eps)
-        u = h @ p["up.weight"].T
-        gated = cfg.activation in GATED
-        code = K.ACTIVATION_CODES[cfg.activation]
-        a = np.empty((B * T, cfg.d_ff), dtype)
-        K.activation_forward(u, code, gated, a)
-        out = (a @ p["down.weight"].T).reshape(B, T, -1)
+        mm = self.matmul
+        u = mm(h, p["up.weight"].T)
+        a, act_pull = KI.activation(u, cfg.activation)
+        out = mm(a, p["down.weight"].T).reshape(B, T, -1)
         if not keep:
             return out, None
 
         def pullback(ct):
             ct2 = _rows(ct, dtype)
-            grads = {"down.weight": ct2.T @ a}
-            da = ct2 @ p["down.weight"]
-            du = np.empty_like(u)
-            K.activation_backward(u, da, code, gated, du)
+            grads = {"down.weight": mm(ct2.T, a)}
+            da = mm(ct2, p["down.weight"])
+            du = act_pull(da)
             del da
-            grads["up.weight"] = du.T @ h
-            dx, dnorm = norm_pull(du @ p["up.weight"])
+            grads["up.weight"] = mm(du.T, h)
+            dx, dnorm = norm_pull(mm(du, p["up.weight"]))
             grads.update(dnorm)
             return dx.reshape(B, T, d).astype(x.dtype, copy=False), grads
 

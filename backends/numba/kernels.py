@@ -1,8 +1,9 @@
 """The numba kernels of the blocks besides attention: norms, activations, RoPE, each with its backward.
 
 Rows (tokens) are spread over threads with ``prange``; a row is always computed by one thread in one order,
-so every call is deterministic (the reversible backward's recompute must give the forward's bits). No
-``fastmath``: IEEE results, the same as a float64 numpy reference to rounding. Arrays are 2-D (N, d) rows
+so every call is deterministic (the reversible backward's recompute must give the forward's bits). The only
+``fastmath`` liberty is reassociating the norms' row sums (``_SUMS``); the activations' float32 tanh and
+sigmoid come from ``vmath``; results equal a float64 numpy reference to rounding. Arrays are 2-D (N, d) rows
 unless said otherwise; outputs are written into arrays the caller allocates, in the inputs' dtype.
 """
 
@@ -16,8 +17,15 @@ from .plugin import require_numba
 
 numba = require_numba()
 from numba import njit, prange  # noqa: E402
+from numba.core import types  # noqa: E402
+from numba.extending import overload, register_jitable  # noqa: E402
+
+from .vmath import vsigmoid, vtanh  # noqa: E402
 
 ACTIVATION_CODES = {"gelu": 0, "gelu_exact": 1, "relu": 2, "silu": 3, "geglu": 0, "swiglu": 3}
+# The norms' row sums may be reassociated (vectorized): the same order for the same row length every call,
+# so still deterministic, and within rounding of the sequential sum (no other fastmath liberty).
+_SUMS = {"reassoc", "nsz"}
 ROWS_PER_PARTIAL = 256  # rows per partial sum of a norm's weight gradient (the partials are summed after)
 
 _K_TANH = math.sqrt(2.0 / math.pi)
@@ -26,7 +34,7 @@ _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 # --- norms ----------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_SUMS)
 def layernorm_forward(x, w, b, eps, y, mean, rstd):
     """y = (x - mean) * rstd * w + b over each row of x (N, d); mean, rstd (N,) kept for the backward."""
     N, d = x.shape
@@ -46,7 +54,7 @@ def layernorm_forward(x, w, b, eps, y, mean, rstd):
             y[i, j] = (x[i, j] - mu) * r * w[j] + b[j]
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_SUMS)
 def layernorm_backward(dy, x, mean, rstd, w, dx, dw_part, db_part):
     """dx (N, d) of layernorm; the weight and bias gradients as partial sums (N / ROWS_PER_PARTIAL, d)."""
     N, d = x.shape
@@ -72,7 +80,7 @@ def layernorm_backward(dy, x, mean, rstd, w, dx, dw_part, db_part):
                 dx[i, j] = r * (dy[i, j] * w[j] - s1 - xh * s2)
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_SUMS)
 def rmsnorm_forward(x, w, eps, y, rstd):
     """y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row of x (N, d)."""
     N, d = x.shape
@@ -86,7 +94,7 @@ def rmsnorm_forward(x, w, eps, y, rstd):
             y[i, j] = x[i, j] * r * w[j]
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, fastmath=_SUMS)
 def rmsnorm_backward(dy, x, rstd, w, dx, dw_part):
     """dx (N, d) of rmsnorm; the weight gradient as partial sums (N / ROWS_PER_PARTIAL, d)."""
     N, d = x.shape
@@ -106,44 +114,133 @@ def rmsnorm_backward(dy, x, rstd, w, dx, dw_part):
 
 
 # --- activations ----------------------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _act(x, code):
-    """(act(x), act'(x)); code: 0 gelu (tanh), 1 exact gelu (erf), 2 relu, 3 silu."""
-    if code == 0:
-        inner = _K_TANH * (x + 0.044715 * x * x * x)
-        t = math.tanh(inner)
-        return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _K_TANH * (1.0 + 3 * 0.044715 * x * x)
-    if code == 1:
-        cdf = 0.5 * (1.0 + math.erf(x * _INV_SQRT2))
-        return x * cdf, cdf + x * math.exp(-0.5 * x * x) * _INV_SQRT2PI
-    if code == 2:
-        return (x, 1.0) if x > 0 else (0.0 * x, 0.0)
-    s = 1.0 / (1.0 + math.exp(-x))
-    return x * s, s * (1.0 + x * (1.0 - s))
+# One scalar (value, derivative) function per kind, chosen per float type when numba compiles: constants
+# typed like x (float32 never widens to float64), tanh and the sigmoid from ``vmath`` (vectorizable in
+# float32, libm's in float64). The kernels below branch on the kind once per row, never inside a row loop,
+# so each loop is straight-line code that LLVM vectorizes.
+def gelu_tanh_pair(x):
+    """(gelu(x), gelu'(x)), the tanh approximation (numba only)."""
+    raise NotImplementedError("runs inside numba kernels only")
+
+
+def gelu_erf_pair(x):
+    """(gelu(x), gelu'(x)), the exact (erf) form (numba only)."""
+    raise NotImplementedError("runs inside numba kernels only")
+
+
+def relu_pair(x):
+    """(relu(x), relu'(x)) (numba only)."""
+    raise NotImplementedError("runs inside numba kernels only")
+
+
+def silu_pair(x):
+    """(silu(x), silu'(x)) (numba only)."""
+    raise NotImplementedError("runs inside numba kernels only")
+
+
+def _float(x):
+    return np.float32 if x == types.float32 else np.float64
+
+
+@overload(gelu_tanh_pair, inline="always")
+def _gelu_tanh_pair(x):
+    F = _float(x)
+    half, one, k, c, c3 = F(0.5), F(1.0), F(_K_TANH), F(0.044715), F(3 * 0.044715)
+
+    def impl(x):
+        t = vtanh(k * (x + c * x * x * x))
+        return half * x * (one + t), half * (one + t) + half * x * (one - t * t) * k * (one + c3 * x * x)
+
+    return impl
+
+
+@overload(gelu_erf_pair, inline="always")
+def _gelu_erf_pair(x):
+    F = _float(x)
+    half, one, isq2, isq2pi = F(0.5), F(1.0), F(_INV_SQRT2), F(_INV_SQRT2PI)
+
+    def impl(x):
+        cdf = F(half * (one + math.erf(x * isq2)))
+        return x * cdf, cdf + x * F(np.exp(-half * x * x)) * isq2pi
+
+    return impl
+
+
+@overload(relu_pair, inline="always")
+def _relu_pair(x):
+    F = _float(x)
+    zero = F(0.0)
+
+    def impl(x):
+        pos = F(x > zero)  # 1 or 0, no branch: the loop vectorizes (and x * 0 keeps 0 * x's sign and NaN)
+        return x * pos, pos
+
+    return impl
+
+
+@overload(silu_pair, inline="always")
+def _silu_pair(x):
+    F = _float(x)
+    one = F(1.0)
+
+    def impl(x):
+        s = vsigmoid(x)
+        return x * s, s * (one + x * (one - s))
+
+    return impl
+
+
+@register_jitable
+def _forward_row(pair, u, a, i, gated):
+    f = a.shape[1]
+    if gated:
+        for j in range(f):
+            a[i, j] = pair(u[i, j])[0] * u[i, f + j]
+    else:
+        for j in range(f):
+            a[i, j] = pair(u[i, j])[0]
+
+
+@register_jitable
+def _backward_row(pair, u, da, du, i, gated):
+    f = da.shape[1]
+    if gated:  # two loops of one store each: one loop of two did not vectorize
+        for j in range(f):
+            du[i, j] = da[i, j] * u[i, f + j] * pair(u[i, j])[1]
+        for j in range(f):
+            du[i, f + j] = da[i, j] * pair(u[i, j])[0]
+    else:
+        for j in range(f):
+            du[i, j] = da[i, j] * pair(u[i, j])[1]
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def activation_forward(u, code, gated, a):
-    """a = act(u) (N, f), or with ``gated`` act(u[:, :f]) * u[:, f:] from u (N, 2f)."""
-    N, f = a.shape
-    for i in prange(N):
-        for j in range(f):
-            val, _ = _act(u[i, j], code)
-            a[i, j] = val * u[i, f + j] if gated else val
+    """a = act(u) (N, f), or with ``gated`` act(u[:, :f]) * u[:, f:] from u (N, 2f); code: 0 gelu (tanh),
+    1 exact gelu (erf), 2 relu, 3 silu."""
+    for i in prange(a.shape[0]):
+        if code == 0:
+            _forward_row(gelu_tanh_pair, u, a, i, gated)
+        elif code == 1:
+            _forward_row(gelu_erf_pair, u, a, i, gated)
+        elif code == 2:
+            _forward_row(relu_pair, u, a, i, gated)
+        else:
+            _forward_row(silu_pair, u, a, i, gated)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def activation_backward(u, da, code, gated, du):
     """du (shaped like u) from da (N, f): the pullback of ``activation_forward`` at u."""
-    N, f = da.shape
-    for i in prange(N):
-        for j in range(f):
-            val, der = _act(u[i, j], code)
-            if gated:
-                du[i, j] = da[i, j] * u[i, f + j] * der
-                du[i, f + j] = da[i, j] * val
-            else:
-                du[i, j] = da[i, j] * der
+    for i in prange(da.shape[0]):
+        if code == 0:
+            _backward_row(gelu_tanh_pair, u, da, du, i, gated)
+        elif code == 1:
+            _backward_row(gelu_erf_pair, u, da, du, i, gated)
+        elif code == 2:
+            _backward_row(relu_pair, u, da, du, i, gated)
+        else:
+            _backward_row(silu_pair, u, da, du, i, gated)
 
 
 # --- rotary positions -----------------------------------------------------------------------------------

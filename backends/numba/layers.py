@@ -27,6 +27,7 @@ def block_config(config: ModelConfig, out_features: int) -> BlockConfig:
         d_model=config.d_model, num_heads=config.num_heads, d_ff=config.ffn_dim, out_features=out_features,
         activation=config.activation, norm=config.norm, norm_eps=config.norm_eps, rope_base=config.rope_base,
         ffn_chunk_size=config.ffn_chunk_size, attn_block=options(config).attn_block,
+        matmul_split=options(config).matmul_split,
     )
 
 

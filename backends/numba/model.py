@@ -40,12 +40,13 @@ def _dtype(value, what: str) -> np.dtype:
 
 
 class ReversibleTransformerNumba:
-    """Token embedding, reversible layers over two streams (both start from the embedding), the mean of the
-    streams through a final norm, and an untied LM head: the torch backend's ``ReversibleTransformer``.
+    """Token embedding, reversible layers over two streams (both start from the embedding), the streams
+    merged (``config.stream_merge``: their sum less the embedding, halved, or their mean) through a final
+    norm, and an untied LM head: the torch backend's ``ReversibleTransformer``.
 
     ``ReversibleTransformerNumba(num_layers=4, d_model=256, num_heads=4)`` or ``(config)``; every field of
     ``revnet_core.ModelConfig`` is accepted, the numba options (``revnet_numba.options.NumbaOptions``:
-    ``threads``, ``attn_block``, ``blas_threads``) going to the config's numba section, plus ``param_dtype`` ("float32" or
+    ``threads``, ``attn_block``, ``blas_threads``, ``matmul_split``) going to the config's numba section, plus ``param_dtype`` ("float32" or
     "float64") and ``seed`` (of the initial parameters). ``params`` maps canonical names to arrays.
     Inputs are numpy integer arrays of token ids, (B, T) or (T,).
     """
@@ -140,9 +141,11 @@ class ReversibleTransformerNumba:
         x = self.params["embed.weight"][ids].astype(self.stream_dtype)
         return x, x.copy()  # two buffers: the backward may rebuild each stream in place
 
-    def _final_norm(self, y1, y2):
+    def _final_norm(self, y1, y2, ids):
         b = self.params.get("norm.bias")
         mean = y1 * 0.5 + y2 * 0.5  # the same rounding as (y1 + y2) * 0.5: halving is exact
+        if self.config.stream_merge == "sum":  # less e / 2: the residual stream e + sum F + sum G, halved
+            mean -= self.params["embed.weight"][ids].astype(self.stream_dtype) * 0.5
         return final_norm_vjp(self.params["norm.weight"], b, mean.astype(self.dtype, copy=False),
                               self.config.norm, self.config.norm_eps)
 
@@ -153,7 +156,7 @@ class ReversibleTransformerNumba:
         ids, targets = self._inputs(input_ids, labels, compute_loss)
         x1, x2 = self._streams(ids)
         y1, y2 = run_layers(self.layers, self.policies, x1, x2)
-        h, _ = self._final_norm(y1, y2)
+        h, _ = self._final_norm(y1, y2, ids)
         w = self.params["head.weight"]
         loss = None
         if compute_loss:
@@ -180,7 +183,7 @@ class ReversibleTransformerNumba:
         x1, x2 = self._streams(ids)
         y1, y2, tape = forward(self.layers, self.policies, x1, x2)
         del x1, x2
-        h, norm_pull = self._final_norm(y1, y2)
+        h, norm_pull = self._final_norm(y1, y2, ids)
         loss, dh, dw_head = chunked_lm_loss(h, self.params["head.weight"], targets, self.config.loss_chunk_size)
         return PendingBackward(self, ids, loss, tape, norm_pull, dh, dw_head)
 
@@ -202,9 +205,13 @@ class PendingBackward:
         dmean, dnorm = self.norm_pull(self.dh)
         self.dh = None
         half = dmean * 0.5
+        merged_e = -half if model.config.stream_merge == "sum" else None  # a copy: the tape may reuse half
         dx1, dx2, grads = self.tape.backward(half, half, private_outputs=True)
-        # both streams start from the same embedding: its cotangent is their sum
-        dx = (dx1 + dx2).reshape(-1, dx2.shape[-1])
+        # both streams start from the same embedding (and the sum merge subtracts it): its cotangent is theirs
+        dx = dx1 + dx2
+        if merged_e is not None:
+            dx += merged_e
+        dx = dx.reshape(-1, dx2.shape[-1])
         d_embed = np.zeros(model.params["embed.weight"].shape, model.dtype)
         np.add.at(d_embed, self.ids.reshape(-1), dx.astype(model.dtype, copy=False))
         grads["embed.weight"] = d_embed

@@ -4,6 +4,7 @@ does, and a missing numba is one line saying how to install it (``NumbaMissingEr
 from revnet_core.errors import RevNetError
 from revnet_core.hookspecs import hookimpl
 from revnet_core.registry import BackendRecord
+from revnet_kernels.registry import KernelImpl
 
 INSTALL_HINT = "pip install 'revnet-zero[numba]'"
 
@@ -40,6 +41,27 @@ RECORD = BackendRecord(
 )
 
 
+# The norms and activations the blocks ask the kernel registry for (``revnet_numba.kernel_impls``): framework
+# "numba", so the torch blocks never select them, nor these blocks a torch kernel.
+_CPU, _NUMBA, _FLOATS = frozenset({"cpu"}), frozenset({"numba"}), frozenset({"float32", "float64"})
+KERNELS = tuple(
+    rec
+    for op in ("layer_norm", "rms_norm", "activation")
+    for rec in (
+        KernelImpl(op, "numba", f"revnet_numba.kernel_impls:numba_{op}", _CPU, _FLOATS, priority=30,
+                   requires=("numba",), description="numba kernel, rows over prange threads", frameworks=_NUMBA),
+        KernelImpl(op, "reference", f"revnet_numba.kernel_impls:reference_{op}", is_reference=True,
+                   description="plain numpy", frameworks=_NUMBA),
+    )
+)
+
+
 @hookimpl
 def register_backends(register):
     register(RECORD)
+
+
+@hookimpl
+def register_kernels(register):
+    for rec in KERNELS:
+        register(rec)

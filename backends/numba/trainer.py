@@ -4,8 +4,11 @@ One optimizer step = ``grad_accum`` micro-batches, the loss the token mean over 
 ``optim.AdamW``) with weight decay on matrices only, linear warmup then cosine decay (``revnet_core.schedule``),
 gradient clipping by global norm. With an output folder every record goes to ``log.jsonl``
 (``revnet_core.runlog``), the plot to ``train.png``, the summary to ``run.json``, and the weights and optimizer
-state to ``checkpoint.npz``. Not built yet: ``--resume``, ``--scheduler``, the passkey task, precisions
-other than fp32; each is refused by name before the first step.
+state to ``checkpoint.npz`` (written to a temporary file, fsynced, then renamed over the old one).
+``--resume`` continues from such a checkpoint bit for bit: the weights, AdamW's moments and step, the
+sampler's state and the step are restored, and every step after is the one an uninterrupted run takes
+(tested on losses and weights). Not built yet: ``--scheduler``, the passkey task, precisions other than
+fp32; each is refused by name before the first step.
 """
 
 from __future__ import annotations
@@ -23,21 +26,20 @@ import numpy as np
 
 from revnet_core import runlog
 from revnet_core.data import IGNORE_INDEX, TrainingData, bits
-from revnet_core.errors import ConfigError, RevNetError
+from revnet_core.errors import (CheckpointCorruptError, CheckpointError, CheckpointIncompatibleError, ConfigError,
+                                 TrainingError)
+from revnet_core.resume import check_resumable, plain
 from revnet_core.schedule import cosine_schedule, warmup_steps
 
 from .model import ReversibleTransformerNumba
 from .optim import AdamW
 
 CHECKPOINT_NAME = "checkpoint.npz"
-
-
-class TrainingError(RevNetError):
-    """Training cannot go on (a non-finite loss or gradient); the message says what to change."""
+CHECKPOINT_FORMAT = "revnet-numba-checkpoint-v1"
 
 
 def _refuse_unbuilt(settings, data: TrainingData) -> None:
-    for what, unbuilt in (("--resume", settings.resume), ("--scheduler", settings.scheduler),
+    for what, unbuilt in (("--scheduler", settings.scheduler),
                           (f"--task {data.task}", data.task != "lm"),
                           (f"--precision {settings.precision}", settings.precision not in ("auto", "fp32")),
                           (f"--device {settings.device}", settings.device not in ("auto", "cpu"))):
@@ -104,17 +106,93 @@ def train_step(model, opt: AdamW, data: TrainingData, accum: int, max_norm: floa
     return {"loss": loss, "grad_norm": norm, "tokens": tokens}
 
 
-def save_checkpoint(path: Path, model, opt: AdamW, step: int, data: TrainingData) -> Path:
-    """Weights, AdamW moments, the step and the sampler's state in one .npz, written atomically."""
+# Config fields that change memory or speed, not the function computed: a resumed run may change them.
+RESUMABLE_CONFIG_FIELDS = ("policy", "loss_chunk_size", "backend_options")
+
+
+_jsonable = plain  # a JSON round trip: what the checkpoint's metadata reads back as
+
+
+def run_identity(settings, data: TrainingData) -> dict[str, Any]:
+    """What must match for a resume to continue the same run (the total number of steps may change)."""
+    return _jsonable({"data": data.identity, "seq_len": data.seq_len, "batch_size": data.batch_size,
+                      "grad_accum": settings.grad_accum, "lr": settings.lr, "warmup": settings.warmup,
+                      "min_lr_ratio": settings.min_lr_ratio, "max_grad_norm": settings.max_grad_norm,
+                      "weight_decay": settings.weight_decay, "seed": settings.seed})
+
+
+def _comparable_config(config) -> dict[str, Any]:
+    return {k: v for k, v in _jsonable(config.to_dict()).items() if k not in RESUMABLE_CONFIG_FIELDS}
+
+
+def save_checkpoint(path: Path, model, opt: AdamW, step: int, data: TrainingData,
+                    run: dict[str, Any] | None = None) -> Path:
+    """Weights, AdamW moments and step, the sampler's state, the step and the run's identity in one .npz,
+    written atomically: a temporary file beside it, fsynced, renamed over ``path``, the folder fsynced."""
     arrays = {f"param/{k}": v for k, v in model.params.items()}
     arrays.update({f"m/{k}": v for k, v in opt.m.items()})
     arrays.update({f"v/{k}": v for k, v in opt.v.items()})
-    meta = {"step": step, "adam_t": opt.t, "config": model.config.to_dict(),
-            "sampler": data.sampler.state_dict()}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8), **arrays)
+    meta = {"format": CHECKPOINT_FORMAT, "step": step, "adam_t": opt.t, "config": model.config.to_dict(),
+            "sampler": data.sampler.state_dict(), "run": run or {}}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8), **arrays)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles (Windows): the rename is what it has
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint file of a file path or a run folder (``DIR/checkpoint.npz``); CheckpointError if none."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.is_file():
+        raise CheckpointError(f"no numba checkpoint at {os.fspath(p)!r}")
+    return p
+
+
+def load_checkpoint(path, model, opt: AdamW, data: TrainingData, run: dict[str, Any]) -> int:
+    """Restore a ``save_checkpoint`` file into ``model``, ``opt`` and ``data``'s sampler after checking it
+    belongs to this run (same architecture, data and hyperparameters); returns its step. CheckpointError naming
+    what differs, or why the file cannot be read."""
+    where = resolve_checkpoint(path)
+    try:
+        with np.load(where, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointCorruptError(f"cannot read the checkpoint {os.fspath(where)!r} ({type(exc).__name__}: "
+                                     f"{exc}); it is not a numba run's checkpoint.npz, or it was cut short") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointIncompatibleError(f"{os.fspath(where)!r} is not a numba checkpoint of format "
+                                          f"{CHECKPOINT_FORMAT!r}")
+    saved = {k: v for k, v in meta["config"].items() if k not in RESUMABLE_CONFIG_FIELDS}
+    check_resumable(saved, _comparable_config(model.config), meta.get("run", {}), run, where)
+    for group, target in (("param", model.params), ("m", opt.m), ("v", opt.v)):
+        for k, dest in target.items():
+            src = arrays.get(f"{group}/{k}")
+            if src is None or src.shape != dest.shape:
+                raise CheckpointIncompatibleError(f"checkpoint {os.fspath(where)!r} lacks {group}/{k} of shape {dest.shape}")
+            dest[...] = src  # in place: the layers' blocks and the optimizer hold these very arrays
+    opt.t = int(meta["adam_t"])
+    data.sampler.load_state_dict(meta["sampler"])
+    return int(meta["step"])
 
 
 def run(settings, data: TrainingData) -> dict[str, Any]:
@@ -129,28 +207,38 @@ def run(settings, data: TrainingData) -> dict[str, Any]:
     opt = AdamW(model.params, lr=settings.lr, weight_decay=settings.weight_decay,
                 decay=[k for k, v in model.params.items() if v.ndim == 2])
     out = Path(settings.out) if settings.out else None
-    if out is not None and (out / CHECKPOINT_NAME).exists():
-        raise ConfigError(f"{os.fspath(out)!r} already holds a checkpoint; choose another output folder")
+    run_id = run_identity(settings, data)
+    start = 0
+    if settings.resume:
+        start = load_checkpoint(settings.resume, model, opt, data, run_id)
+        if start >= steps:
+            raise ConfigError(f"the checkpoint is at step {start} of {steps}; ask for more --steps to go on")
+    elif out is not None and (out / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"{os.fspath(out)!r} already holds a checkpoint; resume it (--resume) or choose another "
+                          "output folder")
     hyper = {"lr": settings.lr, "warmup": warm, "min_lr_ratio": settings.min_lr_ratio, "grad_accum": settings.grad_accum,
              "weight_decay": settings.weight_decay, "max_grad_norm": settings.max_grad_norm, "optimizer": "AdamW (numpy)"}
     log = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        log = open(out / runlog.LOG_NAME, "w")
+        if start and (out / runlog.LOG_NAME).exists():
+            runlog.truncate_log(out / runlog.LOG_NAME, start)  # steps past the checkpoint are redone
+        log = open(out / runlog.LOG_NAME, "a" if start else "w")
 
     def emit(record: dict[str, Any]) -> None:
         if log is not None:
             log.write(json.dumps(record) + "\n")
             log.flush()
 
-    emit({"kind": "run", "step": 0, "steps": steps, "config": model.config.to_dict(), "trainer": hyper,
+    emit({"kind": "resume" if start else "run", "step": start, "steps": steps, "config": model.config.to_dict(),
+          "trainer": hyper,
           "warmup": warm, "data": data.identity, "environment": environment(), "mem_kind": "process RSS"})
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, disable=not settings.progress, file=sys.stderr, unit="step")
+    bar = tqdm(total=steps, initial=start, disable=not settings.progress, file=sys.stderr, unit="step")
     last, last_eval, peak = None, {}, 0
     try:
-        for step in range(1, steps + 1):
+        for step in range(start + 1, steps + 1):
             opt.lr = settings.lr * factor(step - 1)
             t0 = time.perf_counter()
             rec = train_step(model, opt, data, settings.grad_accum, settings.max_grad_norm)
@@ -167,19 +255,19 @@ def run(settings, data: TrainingData) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix_str(f"loss {rec['loss']:.4f}  {last['tokens_per_s']:,.0f} tok/s", refresh=False)
             if out is not None and settings.checkpoint_every and step % settings.checkpoint_every == 0:
-                save_checkpoint(out / CHECKPOINT_NAME, model, opt, step, data)
+                save_checkpoint(out / CHECKPOINT_NAME, model, opt, step, data, run_id)
     finally:
         bar.close()
         if log is not None:
             log.close()
     paths: dict[str, str] = {}
-    summary = {"step": steps, "steps": steps, "stopped": False, "resumed_from": None,
+    summary = {"step": steps, "steps": steps, "stopped": False, "resumed_from": start or None,
                "loss": last["loss"] if last else None, "eval": {k: v for k, v in last_eval.items() if k != "kind"},
                "peak_mem_bytes": peak, "mem_kind": "process RSS", "paths": paths,
                "device": environment()["device"], "precision": "fp32", "data": data.identity,
                "policies": list(model.policies), "params": model.num_params()}
     if out is not None:
-        paths["checkpoint"] = os.fspath(save_checkpoint(out / CHECKPOINT_NAME, model, opt, steps, data))
+        paths["checkpoint"] = os.fspath(save_checkpoint(out / CHECKPOINT_NAME, model, opt, steps, data, run_id))
         paths["log"] = os.fspath(out / runlog.LOG_NAME)
         if settings.plot:
             paths["plot"] = os.fspath(runlog.plot_log(out / runlog.LOG_NAME, out / runlog.PLOT_NAME))

@@ -17,6 +17,8 @@ _EXPORTS = {
     "chunked_lm_loss": ".loss",
     "load_weights": ".weights",
     "save_weights": ".weights",
+    "RationalFourierAttention": ".rf_attention",
+    "load_for_inference": ".generate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -67,7 +67,8 @@ class PlainGPT(nn.Module):
         """Same contract as ``ReversibleTransformer.forward`` (without its input validation)."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        x = self.embed(input_ids).float()
+        x = self.embed(input_ids)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 stream under autocast; fp64 stays fp64
         grad = torch.is_grad_enabled()
         offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if self.memory == "offload" and grad \
             else contextlib.nullcontext()

@@ -99,6 +99,17 @@ class Rotary(nn.Module):
         cos, sin = self.cos_sin(x.shape[-2], x.device, x.dtype)
         return _RotaryFn.apply(x, cos, sin)
 
+    def rotate_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate (B, H, t, hd) as positions start .. start + t - 1: the angles ``forward`` gives those
+        positions, bit for bit, computed for the t positions only (a decoding step must not rebuild, or
+        evict, the whole table)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        inv = (self.base ** -exponents).to(device=x.device, dtype=torch.float32)
+        pos = torch.arange(start, start + x.shape[-2], device=x.device, dtype=torch.float32)
+        ang = torch.outer(pos, inv).to(dtype)  # (t, hd/2)
+        return _RotaryFn.apply(x, ang.cos(), ang.sin())
+
 
 HEAD_CHUNK_TOKENS = 1 << 20  # automatic head chunks hold about this many (token, head) pairs
 

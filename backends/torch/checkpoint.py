@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from revnet_core.errors import RevNetError
+from revnet_core.errors import (CheckpointCorruptError, CheckpointError, CheckpointIncompatibleError,  # noqa: F401
+                                 CheckpointTruncatedError, CheckpointUnsafeError)  # (re-exported: users catch them here)
+from revnet_core.resume import check_resumable
 
 FORMAT = "revnet-zero-checkpoint-v2"  # v2: checksummed
 UNVERIFIED_FORMATS = ("revnet-zero-checkpoint-v1",)  # loadable, with a warning: written before checksums
@@ -44,26 +46,6 @@ _FILE_TAG = b"revnet-sha256:"  # zip comment: the tag, then the hex SHA-256 of t
 _EOCD = struct.Struct("<4s4H2LH")  # zip end-of-central-directory record; its last field is the comment length
 # Seconds to sleep inside a save, with SIGINT held: lets a test land a signal in the middle of one.
 TEST_DELAY_ENV = "REVNET_TEST_SAVE_DELAY"
-
-
-class CheckpointError(RevNetError):
-    """A checkpoint is missing, corrupt, truncated, or was written by an incompatible run."""
-
-
-class CheckpointCorruptError(CheckpointError):
-    """The file's bytes are damaged: a checksum fails or the archive cannot be parsed."""
-
-
-class CheckpointTruncatedError(CheckpointCorruptError):
-    """The file ends early (a copy or a write cut short)."""
-
-
-class CheckpointUnsafeError(CheckpointError):
-    """The file holds pickled code or objects that safe loading refuses to run."""
-
-
-class CheckpointIncompatibleError(CheckpointError):
-    """A sound file that does not fit: another format, backend, model config or run settings."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -368,26 +350,6 @@ def check_compatible(state: dict[str, Any], *, backend: str, model_class: str, c
     if state.get("model_class", model_class) != model_class:
         raise CheckpointIncompatibleError(f"checkpoint {where!r} holds a {state['model_class']} model; this run builds a "
                               f"{model_class}")
-    diffs = _diff(state["config"], config)
-    if diffs:
-        raise CheckpointIncompatibleError(f"checkpoint {where!r} was written for a different model config: {'; '.join(diffs)}. "
-                              "Resume with the same model settings, or start a new run in another --out folder")
-    diffs = _diff(state["run"], run)
-    if diffs:
-        raise CheckpointIncompatibleError(f"checkpoint {where!r} was written by a run with other settings: {'; '.join(diffs)}. "
-                              "Resume with the same data, sequence length, batch and accumulation")
+    check_resumable(state["config"], config, state["run"], run, where)
 
 
-def _diff(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(now))
-    return [f"{k}: checkpoint {saved.get(k, '<absent>')!r}, now {now.get(k, '<absent>')!r}"
-            for k in keys if _norm(saved.get(k, "<absent>")) != _norm(now.get(k, "<absent>"))]
-
-
-def _norm(value):
-    # Checkpoints store tuples as lists; compare them alike.
-    if isinstance(value, (list, tuple)):
-        return [_norm(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _norm(v) for k, v in value.items()}
-    return value

@@ -1245,10 +1245,17 @@ class CostModel:
             ins.append((x1, x2))
             outs.append((y1, y2))
             x1, x2 = y1, y2
-        t.set_label("final norm")  # norm(y1 * 0.5 + y2 * 0.5)
+        t.set_label("final norm")  # norm(y1 * 0.5 + y2 * 0.5), less e * 0.5 under stream_merge="sum"
         h1, h2 = t.alloc("half1", z.A * z.s, "streams"), t.alloc("half2", z.A * z.s, "streams")
         mean = t.alloc("mean", z.A * z.s, "streams")
         t.free(h1, h2)
+        merge_sum = self.config.stream_merge == "sum"
+        if merge_sum:  # the embedding looked up again, subtracted in place, dropped
+            e = t.alloc("emb_again", z.A * z.p, "streams")
+            if z.s != z.p:
+                t.free(e)
+                e = t.alloc("emb_again_s", z.A * z.s, "streams")
+            t.free(e)
         h = st.layer_norm("final.", mean, True, "outputs", z.N)  # returned as last_hidden_state
         t.free(mean, x1, x2, x)  # hidden() returns
         t.set_label("loss head forward")
@@ -1278,6 +1285,13 @@ class CostModel:
                 t.free("dw")
         t.set_label("final norm backward")
         dmean = st.ln_backward("final.", dh2, mean, z.N, "streams", "final_norm")
+        if merge_sum:  # SubBackward's -0.5 * dmean runs first (the newest node): the lookup's gradient
+            de = t.alloc("demb_again", z.A * z.s, "embedding")
+            if z.s != z.p:
+                t.free(de)
+                de = t.alloc("demb_again_p", z.A * z.p, "embedding")
+            t.alloc("grad.embed", z.V * z.d * z.p, "gradients")  # becomes .grad, held to the end
+            t.free(de)
         dy2 = t.alloc("dy2_top", z.A * z.s, "streams")  # each MulBackward(0.5): a buffer per stream
         dy1 = t.alloc("dy1_top", z.A * z.s, "streams")
         t.free(dmean)
@@ -1304,7 +1318,10 @@ class CostModel:
             d2 = t.alloc("demb_p", z.A * z.p, "embedding")
             t.free(demb)
             demb = d2
-        t.alloc("grad.embed", z.V * z.d * z.p, "gradients")
+        if merge_sum:  # a second dense gradient, added into .grad in place
+            t.free(t.alloc("grad.embed_part", z.V * z.d * z.p, "gradients"))
+        else:
+            t.alloc("grad.embed", z.V * z.d * z.p, "gradients")
         t.free(demb, ids)
         t.set_label("optimizer step")  # fused AdamW and SGD update in place: no step temporaries
         t.free(h)

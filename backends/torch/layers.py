@@ -16,12 +16,14 @@ from torch.utils.checkpoint import checkpoint
 from revnet_core.build import resolve_coupling
 from revnet_core.config import ModelConfig
 from revnet_core.couplings import BaseCoupling
+from revnet_core.errors import ConfigError
 from revnet_core.policies import check_all
 from revnet_core.registry import get_coupling
 from revnet_core.sweep import LayerSpec, forward_step, inverse_step
 
 from .blocks import AttentionBlock, FeedForwardBlock, Rotary
 from .options import options
+from .rf_attention import RFAttentionBlock
 
 
 def as_coupling(coupling) -> BaseCoupling:
@@ -49,16 +51,34 @@ class _CoupledHalf(nn.Module):
 
 
 class ReversibleAttention(_CoupledHalf):
-    """Causal self-attention coupled into a stream (RoPE positions, SDPA kernels)."""
+    """Causal self-attention coupled into a stream (RoPE positions, SDPA kernels).
+
+    ``use_rational_attention=True``: linear-time Rational-Fourier attention instead of softmax
+    (``revnet_torch.rf_attention``; ``num_fourier_features``, ``rf_kernel`` gaussian | laplacian | cauchy,
+    ``learnable_features``, ``rf_chunk_size``). It has no attention dropout and no sliding window.
+    """
 
     def __init__(self, d_model: int, num_heads: int, coupling="additive", *, attention_dropout: float = 0.0,
                  dropout: float = 0.0, norm: str = "layernorm", norm_eps: float = 1e-5, attention: str = "sdpa",
                  use_flash_attention: bool = True, rope_base: float = 10000.0, rotary: Rotary | None = None,
-                 head_chunk: int = 0, window: int | None = None):
+                 head_chunk: int = 0, window: int | None = None, use_rational_attention: bool = False,
+                 num_fourier_features: int = 64, rf_kernel: str = "gaussian", learnable_features: bool = False,
+                 rf_chunk_size: int = 64):
         super().__init__(coupling)
         if d_model % num_heads:
             raise ValueError(f"{d_model=} must be divisible by {num_heads=}")
         rotary = rotary if rotary is not None else Rotary(d_model // num_heads, rope_base)
+        if use_rational_attention:
+            for name, value, off in (("attention_dropout", attention_dropout, 0.0), ("window", window, None)):
+                if value != off:
+                    raise ConfigError(f"{name}={value!r} with use_rational_attention=True: Rational-Fourier "
+                                      f"attention has no {name.replace('_', ' ')} (its weights are never formed)")
+            self.block = RFAttentionBlock(
+                d_model, num_heads, self.coupling.fx_features(d_model), rotary,
+                num_fourier_features=num_fourier_features, kernel=rf_kernel, learnable_features=learnable_features,
+                chunk_size=rf_chunk_size, norm=norm, eps=norm_eps, dropout=dropout,
+            )
+            return
         self.block = AttentionBlock(
             d_model, num_heads, self.coupling.fx_features(d_model), rotary, norm=norm, eps=norm_eps,
             attention=attention, use_flash_attention=use_flash_attention, attention_dropout=attention_dropout,

@@ -41,8 +41,9 @@ class ModelOutput:
 
 
 class ReversibleTransformer(nn.Module):
-    """Token embedding, reversible layers over two fp32 streams (both start from the embedding), the mean of
-    the streams through a final norm, and an untied LM head.
+    """Token embedding, reversible layers over two fp32 streams (both start from the embedding), the streams
+    merged (``config.stream_merge``: their sum less the embedding, or their mean) through a final norm, and
+    an untied LM head.
 
     ``ReversibleTransformer(num_layers=24, d_model=1024, num_heads=16, max_seq_len=262144)`` or
     ``ReversibleTransformer(config)``; every field of ``revnet_core.ModelConfig`` is accepted, and the torch
@@ -123,9 +124,19 @@ class ReversibleTransformer(nn.Module):
         exact = self.options.exact_streams  # "auto" defers to an engine.exact_streams context, if any
         y1, y2 = run_layers(self.layers, self.policies, x1, x2, private_outputs=True,
                             exact_streams=None if exact == "auto" else exact)
+        return self.norm(self.merge_streams(y1, y2, input_ids))
+
+    def merge_streams(self, y1: torch.Tensor, y2: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The top streams (B, t, d) of ids (B, t) as one (B, t, d), before the final norm
+        (``config.stream_merge``): "mean" (y1 + y2) / 2, "sum" (y1 + y2 - e) / 2 with e the embedding."""
         # y1*0.5 + y2*0.5 rounds exactly like (y1 + y2)*0.5 (halving is exact) but its backward gives each
         # stream a cotangent buffer of its own, which the engine can then reuse in place.
-        return self.norm(y1 * 0.5 + y2 * 0.5)
+        merged = y1 * 0.5 + y2 * 0.5
+        if self.config.stream_merge == "sum":
+            # The embedding is looked up again rather than kept: hidden()'s x1 would hold its gradient
+            # buffer, (B, T, d), through the whole backward; a second lookup holds the (V, d) one at most.
+            merged = merged.sub_(self.streams(input_ids)[0], alpha=0.5)
+        return merged
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, return_logits: bool = False,
                 return_hidden: bool = False, compute_loss: bool = True) -> ModelOutput:
@@ -149,6 +160,14 @@ class ReversibleTransformer(nn.Module):
             loss = lm_loss(h, self.head.weight, targets, self.config.loss_chunk_size, self.options.loss_kernel)
         logits = self.head(h) if return_logits else None
         return ModelOutput(loss=loss, logits=logits, last_hidden_state=h if return_hidden else None)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue ids (B, T) or (T,) by max_new_tokens with a cache: ``revnet_torch.generate.generate``."""
+        from .generate import generate
+
+        return generate(self, ids, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
 
     def save_weights(self, path) -> None:
         """Write the canonical safetensors file any backend can load (see ``revnet_core.build(weights=...)``)."""

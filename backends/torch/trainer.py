@@ -14,7 +14,6 @@ loss scaler whose overflow steps are skipped, counted in the log, and whose stat
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import platform
@@ -30,9 +29,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from revnet_core import runlog
+from revnet_core import resume, runlog
 from revnet_core.data import IGNORE_INDEX, TrainingData, bits, dataset_data
-from revnet_core.errors import ConfigError, InputError, RevNetError
+from revnet_core.errors import ConfigError, InputError, TrainingError
 from revnet_core.schedule import cosine_schedule, warmup_steps
 from revnet_core.settings import PRECISIONS
 
@@ -42,10 +41,6 @@ read_log = runlog.read_log  # still importable from here: tests/torch/test_check
 # Config fields that change memory or speed but not the function the model computes: a run may resume with
 # a different value (e.g. a smaller GPU needing another policy).
 _RESUMABLE_CONFIG_FIELDS = ("policy", "loss_chunk_size")
-
-
-class TrainingError(RevNetError):
-    """Training cannot go on (a non-finite loss, out of memory); the message says what to change."""
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -182,7 +177,7 @@ class LongContextTrainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self._stop = False
-        self._log = None
+        self._log = runlog.RunLog(self.history)
         self.model.to(self.device)
 
     # --- public API ------------------------------------------------------------------------------------
@@ -376,11 +371,7 @@ class LongContextTrainer:
             self.scaler = torch.amp.GradScaler(self.device.type, **init)
 
     def _run_settings(self, data: TrainingData) -> dict[str, Any]:
-        # What must match for a resume to continue the same run (the total number of steps may change).
-        return {"data": data.identity, "seq_len": data.seq_len, "batch_size": data.batch_size,
-                "gradient_accumulation_steps": self.accum, "lr": self.lr, "warmup_steps": self.warmup_steps,
-                "min_lr_ratio": self.min_lr_ratio, "max_grad_norm": self.max_grad_norm,
-                "weight_decay": self.weight_decay, "betas": list(self.betas)}
+        return resume.run_settings(data, self)
 
     def _comparable_config(self) -> dict[str, Any]:
         return {k: v for k, v in self.config.to_dict().items() if k not in _RESUMABLE_CONFIG_FIELDS}
@@ -438,7 +429,7 @@ class LongContextTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        loss_value = float(total_nats) * scale
+        loss_value = float(total_nats) / max(1, targets)  # the mean over target tokens (not the fp16 unit)
         finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
         if not finite and (self.scaler is None or self._overflow_run >= MAX_CONSECUTIVE_OVERFLOWS):
             raise TrainingError(f"non-finite loss ({loss_value}) or gradient norm ({float(grad_norm)}) at step "
@@ -563,24 +554,14 @@ class LongContextTrainer:
         header = {"kind": "run" if start == 0 else "resume", "step": start, "steps": steps,
                   "config": self.config.to_dict(), "trainer": self.hyperparameters(), "warmup": self._warmup,
                   "data": data.identity, "environment": environment(self.device), "mem_kind": self._mem_kind()}
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            path = self.out_dir / runlog.LOG_NAME
-            if start > 0 and path.exists():
-                runlog.truncate_log(path, start)
-            self._log = open(path, "a" if start > 0 else "w")
-        self._emit(header)
+        self._log = runlog.RunLog(self.history)  # fit() starts a new history
+        self._log.open(self.out_dir, header, start)
 
     def _emit(self, record: dict[str, Any]) -> None:
-        self.history.append(record)
-        if self._log is not None:
-            self._log.write(json.dumps(record) + "\n")
-            self._log.flush()
+        self._log.emit(record)
 
     def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._log.close()
 
 
 class ReversibleAMPTrainer(LongContextTrainer):

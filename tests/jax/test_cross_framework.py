@@ -4,6 +4,8 @@ Float64 parity to 1e-10 holds because both compute RoPE's canonical angles the s
 head in float64 when given float64.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 import jax
 import jax.numpy as jnp
 import revnet_core
+from revnet_core.config import ModelConfig
 from revnet_jax.weights import to_canonical
 
 CONFIGS = {
@@ -20,6 +23,8 @@ CONFIGS = {
     "additive-gelu_exact-ffn_chunks": dict(activation="gelu_exact", ffn_chunk_size=7, num_layers=2),
     "affine-geglu": dict(coupling="affine", activation="geglu"),
 }
+if "stream_merge" in {f.name for f in dataclasses.fields(ModelConfig)}:  # the merge torch builds: sum less e
+    CONFIGS["additive-stream_merge_sum"] = dict(stream_merge="sum", num_layers=2)
 BASE = dict(num_layers=3, d_model=32, num_heads=2, d_ff=40, vocab_size=37, max_seq_len=64)
 
 

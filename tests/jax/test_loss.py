@@ -46,3 +46,30 @@ def test_the_differentiated_head_keeps_no_logits():
     shapes = {leaf.shape for leaf in jax.tree.leaves(kept)}
     assert (N, d) in shapes and (V, d) in shapes
     assert all(V not in s or s == (V, d) for s in shapes), shapes
+
+
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", None])
+def test_peak_bytes_at_32k_tokens_and_a_gpt2_vocab_are_under_an_eighth_of_the_bf16_logits(compute_dtype):
+    """XLA's buffer plan (``memory_analysis``, compiled only: nothing is allocated) of the head's loss and
+    gradients at the issue's size: temp bytes <= 1/8 of the full (N, V) bf16 logits. The full-logits loss,
+    planned the same way, needs more than the whole logits: the measure can fail."""
+    from revnet_core.config import ModelConfig
+    from revnet_jax.memory import compiled_memory
+
+    N, V, d = 32768, 50257, 32  # small d: compiles in well under a second
+    chunk = ModelConfig().loss_chunk_size
+    shapes = (jax.ShapeDtypeStruct((1, N, d), jnp.float32), jax.ShapeDtypeStruct((V, d), jnp.float32),
+              jax.ShapeDtypeStruct((1, N), jnp.int32))
+
+    def ours(h, w, t):
+        return jax.value_and_grad(lambda h_, w_: chunked_lm_loss(h_, w_, t, chunk, compute_dtype), (0, 1))(h, w)
+
+    def full(h, w, t):
+        def loss(h_, w_):
+            cd = compute_dtype or jnp.float32
+            return reference(h_.astype(cd).astype(jnp.float32)[0], w_.astype(cd).astype(jnp.float32), t[0])
+        return jax.value_and_grad(loss, (0, 1))(h, w)
+
+    logits_bf16 = N * V * 2
+    assert compiled_memory(ours, *shapes)["temp"] <= logits_bf16 / 8
+    assert compiled_memory(full, *shapes)["temp"] > logits_bf16

@@ -17,6 +17,8 @@ CONFIGS = {
     "affine-layernorm-geglu-ffn_chunks": dict(coupling="affine", activation="geglu", ffn_chunk_size=16),
     "additive-relu": dict(activation="relu", num_layers=2),
     "affine-silu": dict(coupling="affine", activation="silu", num_layers=2),
+    "additive-mean-merge": dict(stream_merge="mean"),  # the merge of models saved before stream_merge
+    "affine-rmsnorm-mean-merge": dict(coupling="affine", norm="rmsnorm", stream_merge="mean"),
 }
 
 

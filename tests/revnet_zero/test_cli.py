@@ -200,14 +200,24 @@ def test_plugins_lists_distribution_and_failures(capsys):
 
 # --- backend records --------------------------------------------------------------------------------------
 def test_a_backend_without_a_trainer_is_named_before_any_data_is_read(capsys):
-    code, _, err = run(capsys, "train", "--backend", "jax", "--data", "/no/such/path")
-    assert code == 2
-    from revnet_core.registry import backends_with
+    from revnet_core.hookspecs import hookimpl
+    from revnet_core.registry import BackendRecord, backends_with, register_plugin, unregister_plugin
 
-    assert f"the jax backend has no trainer yet; backends with one: {', '.join(backends_with('trainer'))}" in err
-    assert "torch" in backends_with("trainer")
-    code, _, err = run(capsys, "bench", "--backend", "jax")
-    assert code == 2 and "the jax backend has no bench yet" in err
+    class Bare:  # a backend record with no parts: every command that needs one says which
+        @hookimpl
+        def register_backends(self, register):
+            register(BackendRecord("bare", lambda config, *, weights=None: None))
+
+    name = register_plugin(Bare(), name="test-cli-bare-backend")
+    try:
+        code, _, err = run(capsys, "train", "--backend", "bare", "--data", "/no/such/path")
+        assert code == 2
+        assert f"the bare backend has no trainer yet; backends with one: {', '.join(backends_with('trainer'))}" in err
+        assert {"torch", "jax", "numba"} <= set(backends_with("trainer"))
+        code, _, err = run(capsys, "bench", "--backend", "jax")
+        assert code == 2 and "the jax backend has no bench yet" in err
+    finally:
+        unregister_plugin(name)
 
 
 def test_train_reaches_the_trainer_through_the_record(tmp_path, capsys, monkeypatch):

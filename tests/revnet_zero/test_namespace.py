@@ -13,6 +13,7 @@ import revnet_zero
 EXPECTED = {
     ("revnet_zero", "ReversibleTransformer"): ("revnet_torch.model", "ReversibleTransformer"),
     ("revnet_zero", "MemoryScheduler"): ("revnet_torch.scheduler", "MemoryScheduler"),
+    ("revnet_zero", "convert_to_reversible"): ("revnet_torch.hf.convert", "convert_to_reversible"),
     ("revnet_zero.layers", "ReversibleAttention"): ("revnet_torch.layers", "ReversibleAttention"),
     ("revnet_zero.layers", "ReversibleFFN"): ("revnet_torch.layers", "ReversibleFFN"),
     ("revnet_zero.layers", "ReversibleLayer"): ("revnet_torch.layers", "ReversibleLayer"),
@@ -21,6 +22,7 @@ EXPECTED = {
     ("revnet_zero.layers", "CouplingType"): ("revnet_core.couplings", "CouplingType"),
     ("revnet_zero.layers", "AdditiveCoupling"): ("revnet_core.couplings", "AdditiveCoupling"),
     ("revnet_zero.layers", "AffineCoupling"): ("revnet_core.couplings", "AffineCoupling"),
+    ("revnet_zero.layers", "RationalFourierAttention"): ("revnet_torch.rf_attention", "RationalFourierAttention"),
     ("revnet_zero.models", "ReversibleTransformer"): ("revnet_torch.model", "ReversibleTransformer"),
     ("revnet_zero.models", "ModelOutput"): ("revnet_torch.model", "ModelOutput"),
     ("revnet_zero.models", "ModelConfig"): ("revnet_core.config", "ModelConfig"),
@@ -31,7 +33,7 @@ EXPECTED = {
     ("revnet_zero.memory", "saved_tensor_bytes"): ("revnet_torch.memory", "saved_tensor_bytes"),
     ("revnet_zero.memory", "live_tensor_bytes"): ("revnet_torch.memory", "live_tensor_bytes"),
     ("revnet_zero.training", "LongContextTrainer"): ("revnet_torch.trainer", "LongContextTrainer"),
-    ("revnet_zero.training", "TrainingError"): ("revnet_torch.trainer", "TrainingError"),
+    ("revnet_zero.training", "TrainingError"): ("revnet_core.errors", "TrainingError"),
     ("revnet_zero.training", "ReversibleAMPTrainer"): ("revnet_torch.trainer", "ReversibleAMPTrainer"),
     ("revnet_zero.utils", "ReversibleGradientChecker"): ("revnet_torch.diagnostics", "ReversibleGradientChecker"),
     ("revnet_zero.utils", "StabilityAnalyzer"): ("revnet_torch.diagnostics", "StabilityAnalyzer"),
@@ -44,8 +46,8 @@ EXPECTED = {
     ("revnet_zero.jax", "JAXMemoryScheduler"): ("revnet_jax.scheduler", "JAXMemoryScheduler"),
 }
 # Names the README uses for systems that are planned, not built: they must not exist as stubs.
-PLANNED = [("revnet_zero", "convert_to_reversible"), ("revnet_zero.layers", "RationalFourierAttention"),
-           ("revnet_zero.kernels", "TritonRFAttention"), ("revnet_zero.training", "DistributedReversibleTrainer")]
+PLANNED = [("revnet_zero.kernels", "TritonRFAttention"),
+           ("revnet_zero.training", "DistributedReversibleTrainer")]
 PLANNED_MODULES = ["revnet_zero.examples", "revnet_zero.research", "revnet_zero.experimental"]
 JAX_FREE = [m for m in sorted({m for m, _ in EXPECTED}) if m != "revnet_zero.jax"] + ["revnet_zero.kernels"]
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from revnet_core.errors import ConfigError
 from revnet_core.memory import Workload
 from revnet_torch.cost import CostModel
 
@@ -127,6 +128,55 @@ def test_reversible_attention():
     with torch.no_grad():
         h, c = rev_attention(inputs)
         torch.testing.assert_close(rev_attention.inverse(h, c), inputs, rtol=0, atol=1e-5)
+
+
+def test_reversible_attention_with_rational_fourier_attention():
+    from revnet_zero.layers import ReversibleAttention, CouplingType
+
+    rev_attention = ReversibleAttention(
+        d_model=D,
+        num_heads=HEADS,
+        coupling=CouplingType.ADDITIVE,
+        use_rational_attention=True,  # Rational-Fourier trick
+    )
+    hidden_states = torch.randn(2, SEQ, D, requires_grad=True)
+    inputs = hidden_states
+    hidden_states, coupling_output = rev_attention(hidden_states)
+    coupling_output.pow(2).mean().backward()
+    assert inputs.grad is not None and inputs.grad.abs().sum() > 0
+    rev_attention.eval()
+    with torch.no_grad():
+        h, c = rev_attention(inputs)
+        torch.testing.assert_close(rev_attention.inverse(h, c), inputs, rtol=0, atol=1e-5)
+    # The README's attention_dropout=0.1 beside it is refused by name: linear attention forms no weights.
+    with pytest.raises(ConfigError, match="attention_dropout"):
+        ReversibleAttention(d_model=D, num_heads=HEADS, use_rational_attention=True, attention_dropout=0.1)
+
+
+def test_rational_fourier_attention():
+    from revnet_zero.layers import RationalFourierAttention
+
+    rf_attention = RationalFourierAttention(
+        d_model=D,
+        num_heads=HEADS,
+        num_fourier_features=32,
+        kernel='gaussian',  # or 'laplacian', 'cauchy'
+        learnable_features=True
+    )
+    hidden_states = torch.randn(2, SEQ, D)
+    mask = torch.ones(2, SEQ, dtype=torch.bool)
+    mask[1, :3] = False  # the second sequence is left-padded
+    outputs, state = rf_attention(
+        hidden_states,
+        attention_mask=mask,
+        use_cache=True  # Efficient KV caching
+    )
+    assert outputs.shape == hidden_states.shape and torch.isfinite(outputs).all()
+    # the state continues the sequence: one more token through it equals the longer sequence's last output
+    nxt = torch.randn(2, 1, D)
+    step, _ = rf_attention(nxt, attention_mask=torch.ones(2, 1, dtype=torch.bool), use_cache=True, past_state=state)
+    full = rf_attention(torch.cat([hidden_states, nxt], 1), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1))
+    torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_reversible_ffn_with_gating():
@@ -605,10 +655,6 @@ def test_mixed_precision_with_reversible_layers():
 
 # --- Planned, not built: kept visible -------------------------------------------------------------------
 PENDING = [
-    ("convert_to_reversible", "Converting existing models: convert_to_reversible(GPT2Model) is planned, not built"),
-    ("use_rational_attention", "ReversibleAttention(use_rational_attention=True): Rational-Fourier attention "
-                               "is planned, not built (the example above runs without that keyword)"),
-    ("RationalFourierAttention", "revnet_zero.layers.RationalFourierAttention is planned, not built"),
     ("TritonRFAttention", "revnet_zero.kernels.TritonRFAttention is planned, not built"),
     ("reversible_rf", "BenchmarkSuite's 'reversible_rf' model needs RationalFourierAttention"),
     ("use_linear_attention_approximation", "LongContextTrainer(use_linear_attention_approximation=True): linear "

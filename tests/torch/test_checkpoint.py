@@ -433,3 +433,14 @@ def test_sigkill_at_random_moments_never_changes_the_result(tmp_path, corpus):
     assert all(torch.equal(final["model"][k], expected["model"][k]) for k in expected["model"])
     assert train_losses(read_log(out / "log.jsonl")) == train_losses(read_log(tmp_path / "full" / "log.jsonl"))
     assert not [p.name for p in out.iterdir() if "tmp" in p.name]
+
+
+def test_a_checkpoint_from_before_stream_merge_resumes_as_the_mean_merge_it_used():
+    from revnet_torch.checkpoint import CheckpointIncompatibleError, check_compatible
+
+    now = {"num_layers": 2, "stream_merge": "mean"}
+    old = {"backend": "torch", "config": {"num_layers": 2}, "run": {}}  # saved before the field existed
+    check_compatible(old, backend="torch", model_class="ReversibleTransformer", config=now, run={})
+    with pytest.raises(CheckpointIncompatibleError, match="stream_merge: checkpoint 'mean', now 'sum'"):
+        check_compatible(old, backend="torch", model_class="ReversibleTransformer",
+                         config={**now, "stream_merge": "sum"}, run={})

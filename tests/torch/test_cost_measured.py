@@ -75,6 +75,9 @@ REF = dict(attention="reference")
     (["reverse"] * 3, dict(REF, coupling="affine", attn_head_chunk=2)),
     (["reverse"] * 3, dict(REF, dropout=0.1, attn_head_chunk=2)),
     (["store"] * 3, dict(REF, attn_head_chunk=2, activation="geglu")),
+    # the other output merge: the embedding looked up again, its gradient held from the top of backward
+    (["reverse"] * 3, dict(d_model=256, num_heads=4, d_ff=512, attn_head_chunk=2, vocab_size=4096,
+                           stream_merge="sum")),
     (["checkpoint", "store", "reverse"], dict(REF, d_model=48, num_heads=3, attn_head_chunk=1, coupling="affine")),
 ])
 @pytest.mark.parametrize("autocast", [False, True])

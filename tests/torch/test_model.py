@@ -193,3 +193,54 @@ def test_batch_size_zero_is_a_named_input_error():
     model = revnet_core.build("torch", **CFG)
     with pytest.raises(InputError, match="batch size 0"):
         model(torch.zeros(0, 8, dtype=torch.long))
+
+
+# --- how the two streams become the hidden state (config.stream_merge; docs/benchmarks/parity.md) ----------
+def _merge_case(merge, dtype=torch.float64):
+    torch.manual_seed(3)
+    model = ReversibleTransformer(num_layers=3, d_model=32, num_heads=2, vocab_size=64, max_seq_len=16,
+                                  stream_merge=merge).to(dtype)
+    with torch.no_grad():  # trained-like weights: every matrix N(0, 1/fan_in), norms off 1
+        for name, p in model.named_parameters():
+            p.normal_(0, p.shape[1] ** -0.5) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    return model, torch.randint(0, 64, (2, 16))
+
+
+@pytest.mark.parametrize("merge", ["sum", "mean"])
+def test_stream_merge_gives_the_stated_hidden_state(merge):
+    from revnet_torch.engine import run_layers
+
+    model, ids = _merge_case(merge)
+    e = model.embed(ids)
+    y1, y2 = run_layers(model.layers, ["store"] * 3, e, e)
+    # halved, like the mean: the final norm is scale-free but for its eps
+    merged = (y1 + y2 - e) / 2 if merge == "sum" else (y1 + y2) / 2
+    h = model(ids, return_hidden=True).last_hidden_state
+    torch.testing.assert_close(h, model.norm(merged), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["reverse", "checkpoint"])
+def test_stream_merge_sum_reversible_gradients_equal_stored_ones(policy):
+    model, ids = _merge_case("sum")
+    grads = {}
+    for p_name in ("store", policy):
+        model.set_policy(p_name)
+        model.zero_grad(set_to_none=True)
+        model(ids).loss.backward()
+        grads[p_name] = [p.grad.clone() for p in model.parameters()]
+    for a, b in zip(grads["store"], grads[policy]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert grads["store"][0].abs().sum() > 0  # the embedding gets both paths' gradients
+
+
+def test_stream_merge_changes_the_model_and_old_configs_keep_theirs():
+    from revnet_core import ModelConfig
+
+    mean, ids = _merge_case("mean")
+    summed = ReversibleTransformer(mean.config.replace(stream_merge="sum")).double()
+    summed.load_state_dict(mean.state_dict())  # the same parameters: the merge adds none
+    assert not torch.allclose(mean(ids).loss, summed(ids).loss)
+    saved = {k: v for k, v in ModelConfig(num_layers=2).to_dict().items() if k != "stream_merge"}
+    assert ModelConfig.from_saved(saved).stream_merge == "mean"  # saved before the field: the merge it used
+    with pytest.raises(ConfigError, match="stream_merge"):
+        ModelConfig(stream_merge="max")

@@ -316,6 +316,16 @@ def test_fp16_trains_with_fp32_streams_and_a_scaler():
     assert {"loss_scale", "overflow", "overflow_steps"} <= set(next(r for r in trainer.history[::-1] if r["kind"] == "train"))
 
 
+def test_fp16_logs_the_mean_loss_per_target_not_the_scaled_one():
+    # The first step's loss of the same weights on the same batch: fp16 autocast may round, not rescale.
+    first = {}
+    for precision in ("fp32", "fp16"):
+        trainer = LongContextTrainer(tiny(), precision=precision, lr=3e-3, progress=False, device="cpu")
+        trainer.fit(corpus_data(), steps=1)
+        first[precision] = next(r["loss"] for r in trainer.history if r["kind"] == "train")
+    assert first["fp16"] == pytest.approx(first["fp32"], rel=2e-2)
+
+
 def test_an_overflow_step_is_skipped_and_counted():
     trainer = LongContextTrainer(tiny(), precision="fp16", lr=3e-3, progress=False, device="cpu")
     weights = {}
