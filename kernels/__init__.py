@@ -7,7 +7,33 @@ plain references). ``REVNET_KERNELS=reference`` or ``impl="reference"`` forces t
 Exports load on first access: importing this package imports neither torch nor triton.
 """
 
-from revnet_core.lazy import lazy_exports
+import sys as _sys
+
+
+def _hand_the_name_back(name: str) -> None:
+    """This folder is the package ``revnet_kernels``. Imported by its folder name, ``kernels`` (the repository
+    root on ``sys.path``: a REPL, ``python -c`` or ``python -m`` started there), it would hide PyPI's ``kernels``,
+    which transformers imports. Load that one under the name instead, searching ``sys.path`` without the root;
+    the import statement then returns it. ImportError if no other ``kernels`` is installed."""
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in _sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None:
+        raise ImportError(f"No module named {name!r} (the folder {os.path.join(root, name)!r} is the package "
+                          "revnet_kernels: import that)", name=name)
+    module = importlib.util.module_from_spec(spec)
+    _sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_the_name_back(__name__)
+
+from revnet_core.lazy import lazy_exports  # noqa: E402
 
 _EXPORTS = {
     "attention": ".attn",

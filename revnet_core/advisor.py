@@ -23,6 +23,7 @@ from . import policies as policy_table
 from .config import ModelConfig
 from .memory import Workload, format_bytes
 from .planner import Plan, plan_layers
+from .presets import MODEL_SIZES
 from .registry import backend_of, backend_record
 
 DEFAULT_BACKEND = "torch"  # whose cost model prices a bare ModelConfig
@@ -60,19 +61,6 @@ def gpu_budget(hardware: str) -> int:
     return usable_bytes(GPUS_MIB[key] * MiB)
 
 
-# GPT-3 shapes (Brown et al. 2020, Table 2.1): layers, width, heads; FFN 4x; GPT-2 vocabulary. The XL model
-# lists 24 heads of 128 for a width of 2048, which does not divide: 16 heads of 128 are used instead.
-MODEL_SIZES = {
-    "125M": (12, 768, 12),
-    "350M": (24, 1024, 16),
-    "760M": (24, 1536, 16),
-    "1B": (24, 2048, 16),
-    "1.3B": (24, 2048, 16),
-    "2.7B": (32, 2560, 32),
-    "6.7B": (32, 4096, 32),
-    "7B": (32, 4096, 32),
-    "13B": (40, 5120, 40),
-}
 # Tokens per optimizer step: pre-training follows GPT-3's batch sizes for each size (Table 2.1); fine-tuning
 # uses LLaMA 2's supervised fine-tuning batch, 64 sequences of 4096 tokens (Touvron et al. 2023).
 PRETRAIN_TOKENS = {"125M": 0.5e6, "350M": 0.5e6, "760M": 0.5e6, "1B": 1e6, "1.3B": 1e6, "2.7B": 1e6, "6.7B": 2e6,

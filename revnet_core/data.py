@@ -396,6 +396,18 @@ def dataset_data(train_dataset: Any, eval_dataset: Any, max_length: int, vocab_s
     return TrainingData(sampler, evals, identity, units, "dataset", seq_len, batch_size)
 
 
+def eval_record(nats: float, count: int, units: str, exact: int = 0, right: int = 0, rows: int = 0) -> dict[str, float]:
+    """A held-out evaluation as every trainer logs it: ``nats`` summed over ``count`` targets -> eval_loss and
+    bits per byte (``units`` "bytes") or per token; with labelled ``rows``, the share of sequences answered
+    exactly (``exact``) and of target tokens right (``right``)."""
+    loss = nats / max(1, count)
+    result = {"eval_loss": loss, f"eval_bits_per_{'byte' if units == 'bytes' else 'token'}": bits(loss)}
+    if rows:
+        result["eval_accuracy"] = exact / rows
+        result["eval_token_accuracy"] = right / max(1, count)
+    return result
+
+
 def bits(nats: float) -> float:
     """Nats per token to bits per token (bits per byte for byte-level data)."""
     return nats / math.log(2)

@@ -1,8 +1,10 @@
 """The framework-neutral part of memory accounting: a workload, a tape of allocations and frees, a simulated
-step's result, byte formatting. Each backend's ``cost`` module writes its own step onto the tape."""
+step's result, byte formatting, the process's resident bytes. Each backend's ``cost`` module writes its own
+step onto the tape."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
@@ -154,3 +156,14 @@ def format_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def host_rss_bytes() -> int:
+    """This process's resident bytes now (Linux /proc), else its peak (``getrusage``): a CPU trainer's memory."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -15,6 +15,16 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+# Config fields that change memory or speed, not the function computed: a resumed run may change them.
+RESUMABLE_CONFIG_FIELDS = ("policy", "loss_chunk_size")
+
+
+def comparable_config(config: dict[str, Any], *also: str) -> dict[str, Any]:
+    """A config dict less the fields a resume may change (``RESUMABLE_CONFIG_FIELDS`` and ``also``, e.g.
+    "backend_options" for a backend that resumes another's checkpoints), as JSON reads it back."""
+    return plain({k: v for k, v in config.items() if k not in RESUMABLE_CONFIG_FIELDS + also})
+
+
 def run_settings(data: Any, trainer: Any) -> dict[str, Any]:
     """What must match for a resume to continue the same run (the total number of steps may change): the
     data's identity and shapes and the trainer's optimizer settings (attributes every backend's trainer has)."""

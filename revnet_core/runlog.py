@@ -4,8 +4,11 @@ records, so one reader and one plot serve them all."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,21 @@ class RunLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+@contextlib.contextmanager
+def sigint_noted():
+    """Ctrl-C while a run's last files are written is noted in the yielded list, never raised mid-write (off
+    the main thread, where no handler can be set, the list stays empty)."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from revnet_core import atomic
 from revnet_core.errors import CheckpointCorruptError, CheckpointError, CheckpointIncompatibleError  # noqa: F401
 from revnet_core.resume import check_resumable, plain
 
@@ -78,23 +79,8 @@ def save_checkpoint(path: str | os.PathLike, sections: dict[str, dict[str, np.nd
                for name, a in arrays.items()}
     text = json.dumps(state, sort_keys=True, default=str)
     meta = {"format": FORMAT, "backend": BACKEND, "state": text, "sha256": _digest(tensors, text)}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic.replacing(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # the rename itself survives a power cut only once the folder is synced
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
     return path
 
 

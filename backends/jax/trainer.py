@@ -35,16 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from revnet_core import resume, runlog
-from revnet_core.data import IGNORE_INDEX, TrainingData, bits
+from revnet_core.data import IGNORE_INDEX, TrainingData, eval_record
 from revnet_core.errors import ConfigError, InputError, TrainingError
+from revnet_core.memory import host_rss_bytes
 from revnet_core.schedule import cosine_schedule, warmup_steps
 
 from . import checkpoint as ckpt
 from .weights import from_canonical, to_canonical
 
-# Config fields that change memory or speed, not the function computed: a resume may change them. The
-# backend_options sections are kernel choices (and name their backend: a torch checkpoint has torch's).
-_RESUMABLE_CONFIG_FIELDS = ("policy", "loss_chunk_size", "backend_options")
+# Besides the core's resumable fields: backend_options sections are kernel choices, and name their backend
+# (a torch checkpoint has torch's).
+RESUMABLE_TOO = ("backend_options",)
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -86,16 +87,6 @@ def with_compute_dtype(model, dtype: str | None):
     new.compute_dtype = dtype
     new.static = dataclasses.replace(model.static, block=dataclasses.replace(model.static.block, compute_dtype=dtype))
     return new
-
-
-def _cpu_rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def environment(device=None) -> dict[str, Any]:
@@ -303,7 +294,7 @@ class JAXTrainer:
             self._log.close()
         self.model.params = self._given.params = self.params
         paths: dict[str, str] = {}
-        with self._sigint_noted() as noted:
+        with runlog.sigint_noted() as noted:
             if self.out_dir is not None:
                 paths["checkpoint"] = os.fspath(self.save(data, run_settings))
                 log = self.out_dir / runlog.LOG_NAME
@@ -327,12 +318,7 @@ class JAXTrainer:
             nats, count = nats + s, count + int(n)
             if labelled:
                 exact, right, rows = exact + int(e), right + int(r), rows + ids.shape[0]
-        loss = nats / max(1, count)
-        result = {"eval_loss": loss, f"eval_bits_per_{'byte' if data.units == 'bytes' else 'token'}": bits(loss)}
-        if rows:
-            result["eval_accuracy"] = exact / rows
-            result["eval_token_accuracy"] = right / max(1, count)
-        return result
+        return eval_record(nats, count, data.units, exact, right, rows)
 
     def save(self, data: TrainingData, run_settings: dict[str, Any] | None = None) -> Path:
         """Write ``out_dir/checkpoint.safetensors`` atomically with everything ``fit(resume=...)`` needs."""
@@ -403,7 +389,7 @@ class JAXTrainer:
         return resume.run_settings(data, self)
 
     def _comparable_config(self) -> dict[str, Any]:
-        return {k: v for k, v in self.config.to_dict().items() if k not in _RESUMABLE_CONFIG_FIELDS}
+        return resume.comparable_config(self.config.to_dict(), *RESUMABLE_TOO)
 
     def _resume(self, path, data: TrainingData, run_settings: dict[str, Any]) -> Path:
         import optax
@@ -436,7 +422,7 @@ class JAXTrainer:
 
     def _memory_bytes(self) -> int:
         if self.device.platform == "cpu":
-            return _cpu_rss_bytes()
+            return host_rss_bytes()
         stats = self.device.memory_stats() or {}
         return int(stats.get("peak_bytes_in_use", 0))
 
@@ -487,19 +473,6 @@ class JAXTrainer:
         previous = signal.signal(signal.SIGINT, handler)
         try:
             yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    @contextlib.contextmanager
-    def _sigint_noted(self):
-        """Ctrl-C while the run's last files are written is noted in the yielded list, never raised mid-write."""
-        noted: list[int] = []
-        if threading.current_thread() is not threading.main_thread():
-            yield noted
-            return
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
-        try:
-            yield noted
         finally:
             signal.signal(signal.SIGINT, previous)
 

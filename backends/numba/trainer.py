@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from revnet_core import runlog
-from revnet_core.data import IGNORE_INDEX, TrainingData, bits
+from revnet_core import atomic, runlog
+from revnet_core.data import IGNORE_INDEX, TrainingData, eval_record
 from revnet_core.errors import (CheckpointCorruptError, CheckpointError, CheckpointIncompatibleError, ConfigError,
                                  TrainingError)
-from revnet_core.resume import check_resumable, plain
+from revnet_core.resume import check_resumable, comparable_config, plain
+from revnet_core.memory import host_rss_bytes
 from revnet_core.schedule import cosine_schedule, warmup_steps
 
 from .model import ReversibleTransformerNumba
@@ -46,16 +47,6 @@ def _refuse_unbuilt(settings, data: TrainingData) -> None:
         if unbuilt:
             raise ConfigError(f"{what} is not built in the numba trainer yet (it trains fp32 language models on "
                               "the CPU from scratch); use --backend torch for it")
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def environment() -> dict[str, Any]:
@@ -80,8 +71,7 @@ def evaluate(model: ReversibleTransformerNumba, data: TrainingData) -> dict[str,
         n = targets_of(ids, labels)
         nats += model.loss(ids, labels) * n
         count += n
-    loss = nats / max(count, 1)
-    return {"eval_loss": loss, f"eval_bits_per_{'byte' if data.units == 'bytes' else 'token'}": bits(loss)}
+    return eval_record(nats, count, data.units)
 
 
 def train_step(model, opt: AdamW, data: TrainingData, accum: int, max_norm: float) -> dict[str, Any]:
@@ -106,23 +96,20 @@ def train_step(model, opt: AdamW, data: TrainingData, accum: int, max_norm: floa
     return {"loss": loss, "grad_norm": norm, "tokens": tokens}
 
 
-# Config fields that change memory or speed, not the function computed: a resumed run may change them.
-RESUMABLE_CONFIG_FIELDS = ("policy", "loss_chunk_size", "backend_options")
-
-
-_jsonable = plain  # a JSON round trip: what the checkpoint's metadata reads back as
+# Besides the core's resumable fields (revnet_core.resume): the backend_options sections are kernel choices.
+RESUMABLE_TOO = ("backend_options",)
 
 
 def run_identity(settings, data: TrainingData) -> dict[str, Any]:
     """What must match for a resume to continue the same run (the total number of steps may change)."""
-    return _jsonable({"data": data.identity, "seq_len": data.seq_len, "batch_size": data.batch_size,
+    return plain({"data": data.identity, "seq_len": data.seq_len, "batch_size": data.batch_size,
                       "grad_accum": settings.grad_accum, "lr": settings.lr, "warmup": settings.warmup,
                       "min_lr_ratio": settings.min_lr_ratio, "max_grad_norm": settings.max_grad_norm,
                       "weight_decay": settings.weight_decay, "seed": settings.seed})
 
 
 def _comparable_config(config) -> dict[str, Any]:
-    return {k: v for k, v in _jsonable(config.to_dict()).items() if k not in RESUMABLE_CONFIG_FIELDS}
+    return comparable_config(config.to_dict(), *RESUMABLE_TOO)
 
 
 def save_checkpoint(path: Path, model, opt: AdamW, step: int, data: TrainingData,
@@ -134,27 +121,9 @@ def save_checkpoint(path: Path, model, opt: AdamW, step: int, data: TrainingData
     arrays.update({f"v/{k}": v for k, v in opt.v.items()})
     meta = {"format": CHECKPOINT_FORMAT, "step": step, "adam_t": opt.t, "config": model.config.to_dict(),
             "sampler": data.sampler.state_dict(), "run": run or {}}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8), **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform without directory handles (Windows): the rename is what it has
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def resolve_checkpoint(path) -> Path:
@@ -182,8 +151,8 @@ def load_checkpoint(path, model, opt: AdamW, data: TrainingData, run: dict[str, 
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointIncompatibleError(f"{os.fspath(where)!r} is not a numba checkpoint of format "
                                           f"{CHECKPOINT_FORMAT!r}")
-    saved = {k: v for k, v in meta["config"].items() if k not in RESUMABLE_CONFIG_FIELDS}
-    check_resumable(saved, _comparable_config(model.config), meta.get("run", {}), run, where)
+    check_resumable(comparable_config(meta["config"], *RESUMABLE_TOO), _comparable_config(model.config),
+                    meta.get("run", {}), run, where)
     for group, target in (("param", model.params), ("m", opt.m), ("v", opt.v)):
         for k, dest in target.items():
             src = arrays.get(f"{group}/{k}")
@@ -243,7 +212,7 @@ def run(settings, data: TrainingData) -> dict[str, Any]:
             t0 = time.perf_counter()
             rec = train_step(model, opt, data, settings.grad_accum, settings.max_grad_norm)
             elapsed = time.perf_counter() - t0
-            mem = _rss_bytes()
+            mem = host_rss_bytes()
             peak = max(peak, mem)
             last = {"kind": "train", "step": step, **rec, "lr": opt.lr, "tokens_per_s": rec["tokens"] / elapsed,
                     "step_s": elapsed, "mem_bytes": mem}

@@ -36,6 +36,7 @@ import torch
 
 from revnet_core.errors import (CheckpointCorruptError, CheckpointError, CheckpointIncompatibleError,  # noqa: F401
                                  CheckpointTruncatedError, CheckpointUnsafeError)  # (re-exported: users catch them here)
+from revnet_core import atomic
 from revnet_core.resume import check_resumable
 
 FORMAT = "revnet-zero-checkpoint-v2"  # v2: checksummed
@@ -134,23 +135,14 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "backend": BACKEND, **state}
     payload["checksums"] = checksums(payload)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with deferred_sigint():
         remove_stale_temps(path)
-        try:
-            with open(tmp, "w+b") as f:
-                torch.save(payload, f)
-                _seal(f)
-                delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
-                if delay:
-                    time.sleep(delay)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        _sync_dir(path.parent)
+        with atomic.replacing(path) as tmp, open(tmp, "w+b") as f:
+            torch.save(payload, f)
+            _seal(f)
+            delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+            if delay:
+                time.sleep(delay)
     return path
 
 
@@ -222,20 +214,6 @@ def _file_digest(p: Path) -> tuple[str | None, str]:
             left -= len(block)
         digest.update(record[:-2] + b"\x00\x00")  # as torch wrote it: no comment
         return stated[len(_FILE_TAG):].decode("ascii", "replace"), digest.hexdigest()
-
-
-def _sync_dir(folder: Path) -> None:
-    # The rename is durable only once the folder entry is on disk; not every platform can open a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def resolve(path: str | os.PathLike) -> Path:

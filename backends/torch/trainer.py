@@ -30,17 +30,18 @@ import numpy as np
 import torch
 
 from revnet_core import resume, runlog
-from revnet_core.data import IGNORE_INDEX, TrainingData, bits, dataset_data
+from revnet_core.data import IGNORE_INDEX, TrainingData, dataset_data, eval_record
 from revnet_core.errors import ConfigError, InputError, TrainingError
+from revnet_core.memory import host_rss_bytes
 from revnet_core.schedule import cosine_schedule, warmup_steps
 from revnet_core.settings import PRECISIONS
 
 from . import checkpoint as ckpt
+from .optim import OptimizerInBackward
 
 read_log = runlog.read_log  # still importable from here: tests/torch/test_checkpoint.py reads run logs with it
 # Config fields that change memory or speed but not the function the model computes: a run may resume with
 # a different value (e.g. a smaller GPU needing another policy).
-_RESUMABLE_CONFIG_FIELDS = ("policy", "loss_chunk_size")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -67,16 +68,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 MAX_CONSECUTIVE_OVERFLOWS = 30
 
 
-def _cpu_rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _to_numpy(value: Any) -> Any:
     """A dataset item's tensor as numpy, whatever its device; bfloat16 has no numpy twin, and only the dtype's
     kind (integer or not) is checked, so floats become float32."""
@@ -99,6 +90,9 @@ class LongContextTrainer:
     ``attention_window_size``: sliding-window attention over the last N tokens in every layer (the model's
     ``set_attention_window``; None keeps the model's own). ``use_linear_attention_approximation`` is a seed
     README keyword for a system not built: setting it raises instead of being ignored.
+    ``optimizer_in_backward``: each parameter is updated inside the backward as soon as its gradient is
+    complete (``revnet_torch.optim.OptimizerInBackward``), so the whole model's gradients never coexist;
+    clipping then uses the previous step's gradient norm (the first step is unclipped). Not with fp16.
     """
 
     def __init__(self, model: torch.nn.Module, max_length: int | None = None, gradient_accumulation_steps: int = 1,
@@ -108,7 +102,7 @@ class LongContextTrainer:
                  checkpoint_every: int | None = None, device: str | torch.device | None = None, seed: int = 0,
                  progress: bool = True, plot: bool = True, callbacks: Iterable[Callable] = (),
                  attention_window_size: int | None = None, use_linear_attention_approximation: bool = False,
-                 drift_every: int | None = 100):
+                 drift_every: int | None = 100, optimizer_in_backward: bool = False):
         if use_linear_attention_approximation:
             raise ConfigError("use_linear_attention_approximation=True: linear attention is not implemented in "
                               "the torch backend yet (attention is exact); leave it False")
@@ -172,6 +166,10 @@ class LongContextTrainer:
 
             self.drift = DriftMonitor(model, every=drift_every)
         self.memory_efficient_optimizer = False
+        self.optimizer_in_backward = bool(optimizer_in_backward)
+        if self.optimizer_in_backward and self.amp_dtype == torch.float16:
+            raise ConfigError("optimizer_in_backward=True with fp16: the loss scaler must see every gradient "
+                              "before any update; use bf16 or fp32")
         self.history: list[dict[str, Any]] = []
         self.step = 0
         self.optimizer: torch.optim.Optimizer | None = None
@@ -260,7 +258,7 @@ class LongContextTrainer:
             self._close_log()
         stopped = self.step < steps
         paths: dict[str, str] = {}
-        with self._sigint_noted() as noted:
+        with runlog.sigint_noted() as noted:
             if self.out_dir is not None:
                 paths["checkpoint"] = os.fspath(self.save(data, run_settings))
                 log = self.out_dir / runlog.LOG_NAME
@@ -312,12 +310,7 @@ class LongContextTrainer:
                     exact, right, rows = exact + e, right + r, rows + ids.shape[0]
         finally:
             self.model.train(was_training)
-        loss = nats / max(1, count)
-        result = {"eval_loss": loss, f"eval_bits_per_{'byte' if data.units == 'bytes' else 'token'}": bits(loss)}
-        if rows:
-            result["eval_accuracy"] = exact / rows
-            result["eval_token_accuracy"] = right / max(1, count)
-        return result
+        return eval_record(nats, count, data.units, exact, right, rows)
 
     def save(self, data: TrainingData, run_settings: dict[str, Any] | None = None) -> Path:
         """Write ``out_dir/checkpoint.pt`` atomically with everything ``fit(resume=...)`` needs."""
@@ -348,7 +341,8 @@ class LongContextTrainer:
                 "warmup_steps": self.warmup_steps, "min_lr_ratio": self.min_lr_ratio,
                 "max_grad_norm": self.max_grad_norm, "weight_decay": self.weight_decay, "betas": list(self.betas),
                 "precision": self.precision, "seed": self.seed,
-                "memory_efficient_optimizer": self.memory_efficient_optimizer}
+                "memory_efficient_optimizer": self.memory_efficient_optimizer,
+                "optimizer_in_backward": self.optimizer_in_backward}
 
     # --- internals -------------------------------------------------------------------------------------
     def _setup_optimizer(self, steps: int) -> None:
@@ -360,7 +354,13 @@ class LongContextTrainer:
             options["foreach"] = False
         elif self.device.type == "cuda":
             options["fused"] = True
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, **options)
+        if isinstance(self.optimizer, OptimizerInBackward):
+            self.optimizer.remove_hooks()  # a new fit's optimizer replaces it; the old one must stop stepping
+        if self.optimizer_in_backward:
+            self.optimizer = OptimizerInBackward(groups, torch.optim.AdamW, max_grad_norm=self.max_grad_norm,
+                                                 lr=self.lr, betas=self.betas, **options)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, **options)
         self._warmup = warmup_steps(steps, self.warmup_steps)
         schedule = cosine_schedule(self._warmup, steps, self.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -374,7 +374,7 @@ class LongContextTrainer:
         return resume.run_settings(data, self)
 
     def _comparable_config(self) -> dict[str, Any]:
-        return {k: v for k, v in self.config.to_dict().items() if k not in _RESUMABLE_CONFIG_FIELDS}
+        return resume.comparable_config(self.config.to_dict())
 
     def _resume(self, path, data: TrainingData, run_settings: dict[str, Any]) -> None:
         state = ckpt.load_checkpoint(path, map_location=self.device)
@@ -405,13 +405,22 @@ class LongContextTrainer:
         total_nats = torch.zeros((), dtype=torch.float64, device=self.device)
         targets = tokens = 0
         unit = 0  # fp16: gradients in units of the first micro-batch's targets, so the scaled loss stays small
-        for _ in range(self.accum):
+        fused = isinstance(self.optimizer, OptimizerInBackward)
+        if fused:
+            self.optimizer.reset_peak()
+        for micro in range(self.accum):
             ids, labels = self._to_device(*data.sampler.next_batch())
             n = _target_count(ids, labels)
             with self._autocast():
                 loss = self.model(ids, labels=labels).loss
             # Summed nats, scaled after accumulation: the step's loss is the mean over all its target tokens.
-            if self.scaler is None:
+            if fused and micro == self.accum - 1:
+                # The updates happen in this backward, scaled by the step's target count as below; a Ctrl-C
+                # waits for its end, since a half-updated model could be neither resumed nor redone.
+                self.optimizer.arm(grad_scale=1.0 / max(1, targets + n))
+                with ckpt.deferred_sigint():
+                    (loss * n).backward()
+            elif self.scaler is None:
                 (loss * n).backward()
             else:
                 unit = unit or n
@@ -419,6 +428,8 @@ class LongContextTrainer:
             total_nats += loss.detach().double() * n
             targets += n
             tokens += ids.numel()
+        if fused:
+            return self._finish_fused_step(step, t0, total_nats, targets, tokens)
         scale = (unit or 1) / max(1, targets) if self.scaler is not None else 1.0 / max(1, targets)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # notes an overflow; scaler.step then skips the update
@@ -454,10 +465,34 @@ class LongContextTrainer:
                   "mem_bytes": self._memory_bytes()}
         if self.scaler is not None:
             record.update(loss_scale=self.scaler.get_scale(), overflow=not finite, overflow_steps=self.overflow_steps)
+        return self._emit_step(record)
+
+    def _finish_fused_step(self, step: int, t0: float, total_nats: torch.Tensor, targets: int,
+                           tokens: int) -> dict[str, Any]:
+        """The end of a step whose updates ran in the backward: norm, LR schedule, the record."""
+        grad_norm = self.optimizer.finish()
+        loss_value = float(total_nats) / max(1, targets)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            raise TrainingError(f"non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {step} "
+                                f"(already applied: the updates run in the backward); lower the learning rate "
+                                f"(lr={self.lr}) or use fp32 precision")
+        lr = self.optimizer.param_groups[0]["lr"]
+        with ckpt.deferred_sigint():
+            self.optimizer.step()  # checks that the backward consumed every gradient
+            self.scheduler.step()
+            self.step, self._snapshot = step, None
+        elapsed = time.perf_counter() - t0
+        record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                  "clip_factor": self.optimizer.clip_factor, "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                  "step_s": elapsed, "mem_bytes": self._memory_bytes(),
+                  "peak_grad_bytes": self.optimizer.peak_grad_bytes}
+        return self._emit_step(record)
+
+    def _emit_step(self, record: dict[str, Any]) -> dict[str, Any]:
         self._emit(record)
         for event in self.drift.pop_events() if self.drift is not None else ():
-            self._emit({"kind": "drift_fallback", "step": step, **{k: v for k, v in event.items() if k != "step"},
-                        "forward": event["step"]})
+            self._emit({"kind": "drift_fallback", "step": record["step"],
+                        **{k: v for k, v in event.items() if k != "step"}, "forward": event["step"]})
         return record
 
     def _hidden_kwargs(self) -> dict[str, Any]:
@@ -497,7 +532,7 @@ class LongContextTrainer:
     def _memory_bytes(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        return _cpu_rss_bytes()
+        return host_rss_bytes()
 
     def _say(self, line: str, bar) -> None:
         # Evaluation and resume lines: through ``announce`` when set (the CLI), else above the progress bar.
@@ -514,19 +549,6 @@ class LongContextTrainer:
 
         return tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr,
                     disable=not self.progress, dynamic_ncols=True, mininterval=0.5)
-
-    @contextlib.contextmanager
-    def _sigint_noted(self):
-        """Ctrl-C while the run's last files are written is noted in the yielded list, never raised mid-write."""
-        noted: list[int] = []
-        if threading.current_thread() is not threading.main_thread():
-            yield noted
-            return
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
-        try:
-            yield noted
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     @contextlib.contextmanager
     def _sigint_stops(self):

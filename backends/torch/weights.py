@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from revnet_core import atomic
 from revnet_core.errors import ConfigError
 
 from . import checkpoint as ckpt
@@ -26,18 +27,10 @@ def save_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     metadata = {"format": "revnet-zero-canonical-v1",
                 **{f"{SHA_PREFIX}{k}": ckpt.checksums({k: v})[k] for k, v in tensors.items()}}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with ckpt.deferred_sigint():
         ckpt.remove_stale_temps(path)
-        try:
+        with atomic.replacing(path) as tmp:
             save_file(tensors, os.fspath(tmp), metadata=metadata)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        ckpt._sync_dir(path.parent)
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:

@@ -1,29 +1,10 @@
-"""Fixtures for the Hugging Face converter: tiny random GPT-2 and Llama models (no download).
-
-The repository's ``kernels/`` folder (installed as ``revnet_kernels``) shadows the PyPI ``kernels`` package
-that transformers imports, whenever the repository root is on ``sys.path`` (pytest puts it there for the
-``tests`` package). So the real one is imported first, with the root off the path, and stays in
-``sys.modules``.
-"""
-
-import os
-import sys
+"""Fixtures for the Hugging Face converter: tiny random GPT-2 and Llama models (no download)."""
 
 import pytest
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-_saved = list(sys.path)
-try:
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
-    sys.modules.pop("kernels", None)
-    import kernels  # noqa: F401  (PyPI's, for transformers)
-    import transformers  # noqa: F401
-finally:
-    sys.path[:] = _saved
-
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()
 
