@@ -131,8 +131,38 @@ def _table() -> _Table:
             if isinstance(entry.obj, KernelImpl):
                 table.records.append(entry.obj)
                 table.plugins[entry.obj.name] = entry.plugin
+        _add_builtin_records(table)
         _current = table
     return _current
+
+
+# Linear attention (``linear_attn``): its records, until ``plugin.BUILTIN_KERNELS`` lists them; ``_table`` adds
+# any of them that no plugin registered, so the op exists either way (and never twice).
+LINEAR_ATTENTION_MAX_WIDTH = 256  # feature width and head dim of the Triton kernel: one register tile each
+
+
+def _linear_attention_shapes(meta) -> bool:
+    return (meta.get("feature_width", 0) <= LINEAR_ATTENTION_MAX_WIDTH
+            and meta.get("head_dim", 0) <= LINEAR_ATTENTION_MAX_WIDTH and not meta.get("floor_grad", False))
+
+
+LINEAR_ATTENTION_KERNELS = (
+    KernelImpl("linear_attention", "triton", "revnet_kernels.linear_attn_triton:triton_impl",
+               frozenset({"cuda", "rocm"}), frozenset({"float16", "bfloat16", "float32"}), _linear_attention_shapes,
+               priority=20, requires=("triton",),
+               description="chunked causal linear attention, normaliser with floor, forward+backward"),
+    KernelImpl("linear_attention", "reference", "revnet_kernels.linear_attn:reference_impl", is_reference=True,
+               description="PyTorch over chunks, autograd"),
+)
+
+
+def _add_builtin_records(table: _Table) -> None:
+    if "revnet_kernels" not in table.plugins.values():  # the built-in plugin was not loaded (blocked, failed)
+        return
+    for rec in LINEAR_ATTENTION_KERNELS:
+        if rec.name not in table.plugins:
+            table.records.append(rec)
+            table.plugins[rec.name] = "revnet_kernels"
 
 
 def _forget_selections() -> None:
@@ -330,6 +360,7 @@ EXAMPLE_META: dict[str, dict[str, Any]] = {
     "rms_norm": {"hidden": 1024},
     "activation": {"kind": "gelu", "width": 4096},
     "linear_cross_entropy": {"hidden": 1024, "vocab": 50257},
+    "linear_attention": {"feature_width": 64, "head_dim": 64, "has_state": False, "floor_grad": False},
 }
 
 

@@ -19,12 +19,14 @@ STREAM_DTYPES = ("float32", "float64", "bfloat16", "float16")
 # (halved; the final norm is scale-free). Measured better (docs/benchmarks/parity.md); "mean" is the
 # merge of models saved before the field existed.
 STREAM_MERGES = ("sum", "mean")
-LEGACY_DEFAULTS = {"stream_merge": "mean"}  # fields a saved config may lack, and what such a model used
+# Fields a saved config may lack, and what such a model used (every model saved before ``causal`` was causal).
+LEGACY_DEFAULTS = {"stream_merge": "mean", "causal": True}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A causal decoder LM built from reversible layers. Defaults give a small CPU-friendly model."""
+    """A reversible transformer LM: a causal decoder by default, a bidirectional encoder with ``causal=False``
+    (``revnet_torch.bert.ReversibleBERT``). Defaults give a small CPU-friendly model."""
 
     num_layers: int = 4
     d_model: int = 256
@@ -47,6 +49,7 @@ class ModelConfig:
     ffn_chunk_size: int = 16384  # tokens per chunk of the FFN (0: whole sequence): bounds its 4x-wide intermediate
     attn_head_chunk: int = 0  # heads per attention chunk (0: from the length, ~2^20 token-heads per chunk)
     attention_window: int | None = None  # sliding-window attention: each token sees the last N (None: all)
+    causal: bool = True  # False: every token attends to every other (an encoder; torch backend only)
     init_std: float = 0.02
     # Kernel choices, which are not architecture: one section per backend, validated by that backend when it
     # builds (revnet_torch.options, revnet_jax.options), e.g. {"torch": {"loss_kernel": "fused"}}.
@@ -114,6 +117,11 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"attn_head_chunk={cfg.attn_head_chunk!r} must be a non-negative integer (0: automatic)")
     if cfg.attention_window is not None:
         _positive_int(cfg, "attention_window")
+    if not isinstance(cfg.causal, bool):
+        raise ConfigError(f"causal={cfg.causal!r} must be True (a decoder) or False (a bidirectional encoder)")
+    if not cfg.causal and cfg.attention_window is not None:
+        raise ConfigError(f"attention_window={cfg.attention_window} with causal=False: a sliding window looks back "
+                          "only; leave attention_window=None for a bidirectional model")
     if cfg.d_model % cfg.num_heads:
         raise ConfigError(f"d_model={cfg.d_model} must be divisible by num_heads={cfg.num_heads}")
     if cfg.head_dim % 2:

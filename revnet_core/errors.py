@@ -9,6 +9,11 @@ class ConfigError(RevNetError, ValueError):
     """A configuration field is invalid; the message names the field and why."""
 
 
+class DatasetUnavailableError(ConfigError):
+    """A dataset named by the user cannot be loaded here (no network, no local copy); the message says how to
+    make a local token file or which local sources are accepted."""
+
+
 class InputError(RevNetError, ValueError):
     """A model input (ids, labels, embeddings) has the wrong shape, dtype or range."""
 
@@ -31,6 +36,11 @@ class BackendFeatureError(RevNetError, LookupError):
 
 class TrainingError(RevNetError):
     """Training cannot go on (a non-finite loss or gradient, out of memory); the message says what to change."""
+
+
+class DepthLimitError(TrainingError):
+    """A continuous-depth solve needed more than ``max_depth`` steps; the message says to raise it or loosen the
+    tolerance."""
 
 
 class CheckpointError(RevNetError):

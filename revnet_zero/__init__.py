@@ -14,7 +14,8 @@ _EXPORTS = {
     "MemoryScheduler": "revnet_zero.memory",
     "convert_to_reversible": "revnet_torch.hf",
 }
-_SUBMODULES = ("benchmarks", "configs", "jax", "kernels", "layers", "memory", "models", "training", "utils")
+_SUBMODULES = ("benchmarks", "configs", "examples", "experimental", "jax", "kernels", "layers", "memory", "models",
+               "research", "training", "utils")
 
 __all__ = sorted(_EXPORTS)
 

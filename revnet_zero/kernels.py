@@ -1,4 +1,5 @@
 """Device kernels beside their references (``revnet_kernels``): Triton on GPUs, the PyTorch reference elsewhere.
+Among them the README's ``TritonRFAttention`` (``revnet_kernels.linear_attn``).
 
 Loaded on first access, like ``revnet_kernels`` itself: importing this module imports neither torch nor triton.
 """

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from revnet_core.config import ModelConfig, backend_section
-from revnet_core.errors import ConfigError
+from revnet_core.errors import BackendFeatureError, ConfigError
 
 BACKEND = "numba"
 
@@ -38,5 +38,9 @@ class NumbaOptions:
 
 
 def options(cfg: ModelConfig) -> NumbaOptions:
-    """The validated numba section of ``cfg`` (defaults for what it leaves out)."""
+    """The validated numba section of ``cfg`` (defaults for what it leaves out). Every numba model asks for it
+    when it is built, so a config this backend cannot run stops here: bidirectional attention (causal=False)."""
+    if not cfg.causal:
+        raise BackendFeatureError("causal=False (bidirectional attention) is not built in the numba backend; the "
+                                  "torch backend has it (revnet_torch.bert.ReversibleBERT, or backend='torch')")
     return backend_section(cfg, BACKEND, NumbaOptions)

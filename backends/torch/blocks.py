@@ -1,4 +1,4 @@
-"""The two functions a reversible layer couples: F (causal self-attention) and G (feed-forward).
+"""The two functions a reversible layer couples: F (self-attention, causal or bidirectional) and G (feed-forward).
 
 Both are pre-norm and map a stream (B, T, d) to a function output (B, T, out_features); the coupling decides
 out_features (d for additive, 2d for affine). Neither touches a stream in place.
@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from revnet_core.errors import ConfigError, InputError
 
 from revnet_kernels.activations import activation
 from revnet_kernels.norms import layer_norm, rms_norm
@@ -127,11 +129,15 @@ class AttentionBlock(nn.Module):
     function is the same, but only one chunk's q, k, v and kernel buffers exist at a time. The reversible
     engine's backward walks the same chunks (``additive_vjp``), so the recompute is bit-identical.
     ``window``: each token attends to itself and the ``window - 1`` tokens before it (None: all before it).
+    ``causal=False``: every token attends to every token (an encoder; no window). ``key_mask`` (B, T) bool,
+    a keyword of ``forward``, ``attend_heads`` and ``additive_vjp`` of bidirectional blocks: keys where it is
+    False get no weight (padding); ``masked(key_mask)`` binds one to the block for the reversible engine,
+    which calls blocks with the stream alone.
     """
 
     def __init__(self, d_model, num_heads, out_features, rotary: Rotary, *, norm="layernorm", eps=1e-5,
                  attention="sdpa", use_flash_attention=True, attention_dropout=0.0, dropout=0.0,
-                 head_chunk: int = 0, window: int | None = None):
+                 head_chunk: int = 0, window: int | None = None, causal: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.norm = make_norm(norm, d_model, eps)
@@ -144,6 +150,7 @@ class AttentionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head_chunk = head_chunk
         self.window = window
+        self.causal = causal
 
     def head_chunks(self, B: int, T: int) -> list[slice]:
         """The head slices the attention runs over, in order (``heads_per_chunk`` each)."""
@@ -151,19 +158,36 @@ class AttentionBlock(nn.Module):
         per = heads_per_chunk(H, self.head_chunk, B * T)
         return [slice(s, min(s + per, H)) for s in range(0, H, per)]
 
-    def _core(self, q, k, v):
-        """(B, h, T, hd) q, k, v -> (B, h, T, hd) causal attention (windowed if ``window``)."""
+    def _core(self, q, k, v, key_mask: torch.Tensor | None = None):
+        """(B, h, T, hd) q, k, v -> (B, h, T, hd) attention: causal (windowed if ``window``) or, with
+        ``causal=False``, over every key; keys where ``key_mask`` (B, T) bool is False get no weight."""
         p = self.attention_dropout if self.training else 0.0
         if self.window is not None:
+            if not self.causal or key_mask is not None:
+                raise ConfigError(f"window={self.window} needs causal attention without a padding mask (a sliding "
+                                  "window looks back only); set the window to None")
             from .window import windowed_attention  # only windowed models need the kernels package
 
             return windowed_attention(q, k, v, self.window, p)
         if self.attention == "reference":
+            if key_mask is not None:
+                raise ConfigError("attention='reference' takes no padding mask; use attention='sdpa' (the torch "
+                                  "option) for padded batches, or pass sequences without padding")
             from revnet_kernels.attn import reference_attention  # the one plain-matmul ground truth
 
-            return reference_attention(q, k, v, dropout_p=p, return_lse=False)
+            return reference_attention(q, k, v, causal=self.causal, dropout_p=p, return_lse=False)
+        mask = None
+        if key_mask is not None:
+            if self.causal:  # a left-padded query would see no key at all: NaN rows that reach every stream
+                raise InputError("a padding mask needs bidirectional attention (causal=False, ReversibleBERT); a "
+                                 "causal model needs none: right padding with labels -100 is never attended to")
+            mask = key_mask[:, None, None, :]  # (B, 1, 1, T): one row of visible keys for every query and head
         with sdpa_kernel(self.sdpa_backends, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=self.causal)
+
+    def masked(self, key_mask: torch.Tensor) -> "KeyMasked":
+        """This block with a padding mask bound: callable on the stream alone (what the engine calls)."""
+        return KeyMasked(self, key_mask)
 
     def _heads(self, qkv: torch.Tensor, n: int):
         """(B, T, 3*n*hd) projection -> rope(q), rope(k), v, each (B, n, T, hd)."""
@@ -181,33 +205,34 @@ class AttentionBlock(nn.Module):
             h = h.to(torch.get_autocast_dtype(x.device.type))
         return h
 
-    def attend_heads(self, h: torch.Tensor, heads: slice) -> torch.Tensor:
+    def attend_heads(self, h: torch.Tensor, heads: slice, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the heads in ``heads`` over normed input h (B, T, d) -> (B, n, T, hd)."""
         d = h.shape[-1]
         w = self.qkv.weight.view(3, self.num_heads, -1, d)[:, heads].reshape(-1, d)
         n = heads.stop - heads.start
         q, k, v = self._heads(F.linear(h, w), n)
-        return self._core(q, k, v)
+        return self._core(q, k, v, key_mask)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, d = x.shape
         chunks = self.head_chunks(B, T)
         if len(chunks) == 1:
             q, k, v = self._heads(self.qkv(self.norm(x)), self.num_heads)
-            o = self._core(q, k, v)  # (B, H, T, hd)
+            o = self._core(q, k, v, key_mask)  # (B, H, T, hd)
             o = o.transpose(1, 2).reshape(B, T, d)
             return self.drop(self.proj(o))
         h = self.normed(x)
         o = None
         for heads in chunks:
-            o_c = self.attend_heads(h, heads)
+            o_c = self.attend_heads(h, heads, key_mask)
             if o is None:
                 o = o_c.new_empty(B, T, self.num_heads, o_c.shape[-1])
             o[:, :, heads] = o_c.transpose(1, 2)
             del o_c
         return self.drop(self.proj(o.view(B, T, d)))
 
-    def additive_vjp(self, x: torch.Tensor, dy: torch.Tensor, params: list, settle):
+    def additive_vjp(self, x: torch.Tensor, dy: torch.Tensor, params: list, settle,
+                     key_mask: torch.Tensor | None = None):
         """Pullback of ``self`` at x for an additive coupling, with head chunks: (dx, dparams in ``params``'
         order); ``settle(self(x))`` is called once the output is complete (``revnet_core.sweep``'s
         ``additive_vjp``: it rebuilds the other stream, in place in the engine).
@@ -234,7 +259,7 @@ class AttentionBlock(nn.Module):
         for heads in self.head_chunks(B, T):
             wanted = [h_leaf] + ([w_qkv] if w_qkv.requires_grad else [])
             with torch.enable_grad():
-                o_c = self.attend_heads(h_leaf, heads)
+                o_c = self.attend_heads(h_leaf, heads, key_mask)
             # The cotangent laid out like the output: fused kernels' backwards expect matching strides.
             do_c = torch.empty_like(o_c).copy_(do[:, :, heads].transpose(1, 2))
             got = torch.autograd.grad(o_c, wanted, do_c)
@@ -258,6 +283,45 @@ class AttentionBlock(nn.Module):
         for p, g in zip(norm_params, got[1:]):
             add(p, g)
         return dx, [grads.get(p) for p in params]
+
+
+class KeyMasked:
+    """An ``AttentionBlock`` with a padding mask bound: key_mask (B, T) bool, False at keys no query may see.
+
+    The reversible engine calls a block on the stream alone, in the forward and again in the backward;
+    binding the mask here, once per forward, gives both passes the forward's mask under every policy.
+    It owns nothing: parameters, training mode and compilation are the block's.
+    """
+
+    def __init__(self, block: AttentionBlock, key_mask: torch.Tensor):
+        if key_mask.dtype != torch.bool or key_mask.dim() != 2:
+            raise InputError(f"key_mask must be a (batch, seq) bool tensor, got {key_mask.dtype} "
+                             f"{tuple(key_mask.shape)}")
+        self.block = block
+        self.key_mask = key_mask
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(self.key_mask.shape) != tuple(x.shape[:2]):
+            raise InputError(f"key_mask {tuple(self.key_mask.shape)} does not match the stream's (batch, seq) "
+                             f"{tuple(x.shape[:2])}")
+        return self.block(x, key_mask=self.key_mask)
+
+    def parameters(self, recurse: bool = True):
+        return self.block.parameters(recurse)
+
+    @property
+    def training(self) -> bool:
+        return self.block.training
+
+    @property
+    def _compiled_call_impl(self):  # what the engine checks before taking the eager head-chunked backward
+        return self.block._compiled_call_impl
+
+    def head_chunks(self, B: int, T: int) -> list[slice]:
+        return self.block.head_chunks(B, T)
+
+    def additive_vjp(self, x: torch.Tensor, dy: torch.Tensor, params: list, settle):
+        return self.block.additive_vjp(x, dy, params, settle, key_mask=self.key_mask)
 
 
 def activate(kind: str, u: torch.Tensor) -> torch.Tensor:

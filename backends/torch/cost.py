@@ -44,6 +44,11 @@ output and log-sum-exp saved, no score matrix), which the CUDA windowed kernel i
 with an explicit band mask) also keeps a (T, T) mask per chunk, not counted. Attention FLOPs are counted
 over the full causal triangle either way.
 
+Bidirectional models (``causal=False``): the same tape less the causal masks (the math kernel's bias, the
+reference's comparison), and attention FLOPs over the whole (T, T) score matrix. A padding mask
+(``ReversibleBERT``'s ``attention_mask``) is an input, not config, and is not priced: with one, SDPA takes a
+(B, 1, 1, T) mask and may choose another kernel.
+
 Compute is counted in FLOPs of the matmuls and attention (2 per multiply-add, causal attention half of
 full), backward = 2x forward for matmuls and 2.5x for fused attention (FlashAttention-2 recomputes the
 scores: 5 matmuls against 2). A policy that recomputes a block pays one more forward of it.
@@ -105,6 +110,7 @@ class Sizes:
     attn_heads: int = 0  # heads per attention chunk (AttentionBlock.head_chunks); 0 or H: one chunk
     loss_fused: bool = False  # the loss head is revnet_kernels' linear cross-entropy (torch option loss_kernel)
     fused_gate: bool = False  # a gated activation through the fused Triton kernel (GPUs): it saves only u
+    causal: bool = True  # config.causal: False scores every (query, key) pair and builds no causal mask
 
     @property
     def A(self) -> int:
@@ -150,6 +156,7 @@ def _sizes(cfg: ModelConfig, w: Workload) -> Sizes:
         ffn_chunk=cfg.ffn_chunk_size, attn_heads=_heads_per_chunk(cfg, w),
         loss_fused=uses_fused_head(opts.loss_kernel, w.device),
         fused_gate=_fused_gate(cfg, w),
+        causal=cfg.causal,
     )
 
 
@@ -331,7 +338,7 @@ class _Step:
             ks = t.alloc(pre + "ks", A * mc, cat, saved=keep)
             if up:
                 t.free(q32, k32)
-            bias = t.alloc(pre + "bias", z.T * z.T * mc, cat)
+            bias = t.alloc(pre + "bias", z.T * z.T * mc, cat) if z.causal else None  # no mask: no bias
             scores = t.alloc(pre + "scores", BHTT * mc, cat)
             t.free(bias)
             probs = t.alloc(pre + "probs", BHTT * mc, cat, saved=keep)  # softmax saves its output
@@ -365,10 +372,10 @@ class _Step:
             t.hold(kf, saved=True)
         if up:
             t.free(qf)  # a temporary of the statement
-        # visible_mask: two int64 aranges, a (T, T) mask and the causal comparison &-ed into it
+        # visible_mask: two int64 aranges, a (T, T) mask and (causal) the comparison &-ed into it
         ai, aj = t.alloc(pre + "ar_i", z.T * 8, cat), t.alloc(pre + "ar_j", z.T * 8, cat)
         mask = t.alloc(pre + "mask", z.T * z.T, cat)
-        t.free(t.alloc(pre + "causal", z.T * z.T, cat), ai, aj)
+        t.free(t.alloc(pre + "causal", z.T * z.T, cat) if z.causal else None, ai, aj)
         notmask = t.alloc(pre + "notmask", z.T * z.T, cat, saved=keep)
         t.free(mask, notmask)  # temporaries of the masked_fill_ statement (kept by autograd when saved)
         probs = t.alloc(pre + "probs", BHTT * a, cat, saved=keep)  # softmax saves its output
@@ -1447,10 +1454,12 @@ class CostModel:
     # --- compute --------------------------------------------------------------------------------------
     def block_flops(self) -> dict[str, float]:
         """Forward FLOPs of one layer's blocks, 2 per multiply-add: the attention block's matmuls and its
-        causal attention (QK^T and PV over half the scores), and the FFN's two matmuls."""
+        attention (QK^T and PV over half the scores when causal, all of them with ``causal=False``), and the
+        FFN's two matmuls."""
         z = self.sizes
+        scores = 0.5 if z.causal else 1.0  # the share of the (T, T) score matrix computed
         return {"attention_matmuls": 2.0 * z.N * z.d * (3 * z.d + z.fx),
-                "attention_core": 2.0 * z.B * z.T * z.T * z.d,
+                "attention_core": 4.0 * scores * z.B * z.T * z.T * z.d,
                 "ffn": 2.0 * z.N * z.d * z.ffu + 2.0 * z.N * z.ff * z.fx}
 
     def layer_time(self, policy: str) -> float:

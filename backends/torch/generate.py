@@ -95,6 +95,7 @@ class Decoder:
 
     def __init__(self, model, batch: int, max_len: int):
         cfg = model.config
+        check_causal(model)
         if max_len > cfg.max_seq_len:
             raise InputError(f"generation needs {max_len} positions but the model has max_seq_len={cfg.max_seq_len}")
         for i, layer in enumerate(model.layers):
@@ -139,6 +140,15 @@ class Decoder:
         return model.head(model.norm(last))[:, 0]
 
 
+def check_causal(model) -> None:
+    """ConfigError unless ``model`` is causal: a bidirectional model (``causal=False``, ``ReversibleBERT``)
+    conditions every position on tokens after it, which generation has not produced yet."""
+    if not getattr(model.config, "causal", True):
+        raise ConfigError(f"{type(model).__name__} is bidirectional (causal=False): every position sees the "
+                          "tokens after it, so it cannot generate left to right; fill [MASK] positions with its "
+                          "logits instead, or generate with a causal model (ReversibleGPT)")
+
+
 def check_sampling(temperature: float, top_k: int | None, vocab_size: int) -> None:
     """InputError unless temperature is a finite number >= 0 and top_k is None or an integer >= 1."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
@@ -174,6 +184,7 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    check_causal(model)
     check_sampling(temperature, top_k, model.config.vocab_size)
     flat = isinstance(ids, torch.Tensor) and ids.dim() == 1
     ids = model._check_ids(ids, "ids").to(device=model.embed.weight.device, dtype=torch.int64)
@@ -197,6 +208,9 @@ def generate(model, ids: torch.Tensor, max_new_tokens: int, temperature: float =
     return result[0] if flat else result
 
 
+CAUSAL_CLASSES = ("ReversibleTransformer", "ReversibleGPT")  # the model classes whose checkpoints generate
+
+
 def load_for_inference(path, device: str | torch.device = "cpu"):
     """The ``ReversibleTransformer`` of a training checkpoint (a file or a run folder), in eval mode on
     ``device`` ("auto": the GPU when present). CheckpointError (``revnet_torch.checkpoint``) if it
@@ -212,7 +226,7 @@ def load_for_inference(path, device: str | torch.device = "cpu"):
         raise ConfigError(f"device={str(device)!r} was asked for but CUDA is not available here")
     where = ckpt.resolve(path)
     state = ckpt.load_checkpoint(where, map_location=device)
-    if state["backend"] != ckpt.BACKEND or state.get("model_class", "ReversibleTransformer") != "ReversibleTransformer":
+    if state["backend"] != ckpt.BACKEND or state.get("model_class", "ReversibleTransformer") not in CAUSAL_CLASSES:
         raise ckpt.CheckpointIncompatibleError(
             f"checkpoint {str(where)!r} holds a {state.get('model_class')} of the {state['backend']!r} backend; "
             "this loader builds the torch ReversibleTransformer")

@@ -51,7 +51,8 @@ class _CoupledHalf(nn.Module):
 
 
 class ReversibleAttention(_CoupledHalf):
-    """Causal self-attention coupled into a stream (RoPE positions, SDPA kernels).
+    """Self-attention coupled into a stream (RoPE positions, SDPA kernels): causal, or with ``causal=False``
+    bidirectional (an encoder such as ``ReversibleBERT``; no window).
 
     ``use_rational_attention=True``: linear-time Rational-Fourier attention instead of softmax
     (``revnet_torch.rf_attention``; ``num_fourier_features``, ``rf_kernel`` gaussian | laplacian | cauchy,
@@ -63,12 +64,15 @@ class ReversibleAttention(_CoupledHalf):
                  use_flash_attention: bool = True, rope_base: float = 10000.0, rotary: Rotary | None = None,
                  head_chunk: int = 0, window: int | None = None, use_rational_attention: bool = False,
                  num_fourier_features: int = 64, rf_kernel: str = "gaussian", learnable_features: bool = False,
-                 rf_chunk_size: int = 64):
+                 rf_chunk_size: int = 64, causal: bool = True):
         super().__init__(coupling)
         if d_model % num_heads:
             raise ValueError(f"{d_model=} must be divisible by {num_heads=}")
         rotary = rotary if rotary is not None else Rotary(d_model // num_heads, rope_base)
         if use_rational_attention:
+            if not causal:
+                raise ConfigError("causal=False with use_rational_attention=True: the Rational-Fourier layer is "
+                                  "causal linear attention (prefix sums); use softmax attention for an encoder")
             for name, value, off in (("attention_dropout", attention_dropout, 0.0), ("window", window, None)):
                 if value != off:
                     raise ConfigError(f"{name}={value!r} with use_rational_attention=True: Rational-Fourier "
@@ -82,7 +86,7 @@ class ReversibleAttention(_CoupledHalf):
         self.block = AttentionBlock(
             d_model, num_heads, self.coupling.fx_features(d_model), rotary, norm=norm, eps=norm_eps,
             attention=attention, use_flash_attention=use_flash_attention, attention_dropout=attention_dropout,
-            dropout=dropout, head_chunk=head_chunk, window=window,
+            dropout=dropout, head_chunk=head_chunk, window=window, causal=causal,
         )
 
 
@@ -144,7 +148,7 @@ class ReversibleLayer(nn.Module):
             cfg.d_model, cfg.num_heads, resolve_coupling(cfg), attention_dropout=cfg.attention_dropout,
             dropout=cfg.dropout, norm=cfg.norm, norm_eps=cfg.norm_eps, attention=opts.attention,
             use_flash_attention=opts.use_flash_attention, rotary=rotary, head_chunk=cfg.attn_head_chunk,
-            window=cfg.attention_window,
+            window=cfg.attention_window, causal=cfg.causal,
         )
         ffn = ReversibleFFN(
             cfg.d_model, cfg.ffn_dim, resolve_coupling(cfg), activation=cfg.activation, dropout=cfg.dropout,

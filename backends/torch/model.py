@@ -10,7 +10,7 @@ from torch import nn
 
 from revnet_core import policies as policy_table
 from revnet_core.config import ModelConfig, model_fields
-from revnet_core.errors import InputError
+from revnet_core.errors import ConfigError, InputError
 from revnet_core.inputs import check_id_range, check_labels_shape, check_length, check_loss_length
 
 from .blocks import Rotary, make_norm
@@ -51,9 +51,14 @@ class ReversibleTransformer(nn.Module):
     ``loss_kernel``) go to the config's torch section.
     """
 
+    encoder = False  # ReversibleBERT: a bidirectional model needs a loss without the next-token shift
+
     def __init__(self, config: ModelConfig | None = None, **fields):
         super().__init__()
         config = model_fields(config, fields, "torch", TorchOptions)
+        if not config.causal and not self.encoder:  # next-token loss over bidirectional attention sees the answer
+            raise ConfigError(f"causal=False in {type(self).__name__}: its next-token loss would let every token "
+                              "see the one it predicts; a bidirectional model is ReversibleBERT (masked LM)")
         self.config = config
         self.options = options(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)

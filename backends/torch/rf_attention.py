@@ -22,9 +22,10 @@ value of ``eps`` on average); as |phi(q) . phi(k)| <= 1 for these features, ever
 max|v| / eps. The positive features of ``gaussian`` need no floor, which is why FAVOR+ uses them.
 
 Causal sums run over chunks of ``chunk_size`` tokens: inside a chunk the masked (C, C) product, across
-chunks a running state (exclusive prefix sums of each chunk's phi(k)^T v). The state after a call is
-returned with ``use_cache=True`` and continues exactly where it stopped, so decoding one token costs
-O(m * hd) per head whatever the position.
+chunks a running state (exclusive prefix sums of each chunk's phi(k)^T v), through
+``revnet_kernels.linear_attention``: the Triton kernel on CUDA and ROCm, the PyTorch reference elsewhere.
+The state after a call is returned with ``use_cache=True`` and continues exactly where it stopped, so
+decoding one token costs O(m * hd) per head whatever the position.
 
 The features are a buffer (a parameter with ``learnable_features=True``), drawn at construction from torch's
 global RNG and changed only by ``redraw_features()``: never inside a forward, so a reversible layer's
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from revnet_core.errors import ConfigError, InputError
+from revnet_kernels.linear_attn import linear_attention, naive_linear_attention, reference_linear_attention
 
 from .blocks import Rotary, make_norm
 
@@ -112,50 +114,20 @@ class RFState:
 
 def causal_linear_attention(fq: torch.Tensor, fk: torch.Tensor, v: torch.Tensor, chunk_size: int,
                             state: RFState | None = None, floor: torch.Tensor | None = None):
-    """Causal sum phi(q_i) . sum_{j<=i} phi(k_j) v_j / phi(q_i) . sum_{j<=i} phi(k_j) over chunks.
+    """Causal sum phi(q_i) . sum_{j<=i} phi(k_j) v_j / phi(q_i) . sum_{j<=i} phi(k_j) over chunks, by the
+    PyTorch reference (``revnet_kernels.linear_attn``, the one implementation of this math).
 
     fq, fk (B, H, T, M) features, v (B, H, T, hd), one dtype; ``state``: sums of earlier tokens (None: none).
     ``floor`` (B, T) or None: the least denominator of each query. Returns (out (B, H, T, hd), the kv and z
     sums after the last token).
     """
-    B, H, T, M = fq.shape
-    C = max(1, min(chunk_size, T))
-    n = -(-T // C)
-    pad = n * C - T
-    if pad:  # zero features add nothing to any sum; the padded queries' outputs are cut off
-        fq, fk, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (fq, fk, v))
-    fq_c, fk_c, v_c = (t.unflatten(2, (n, C)) for t in (fq, fk, v))  # (B, H, n, C, .)
-    mask = torch.ones(C, C, dtype=torch.bool, device=fq.device).tril()
-    a = (fq_c @ fk_c.transpose(-1, -2)) * mask  # (B, H, n, C, C): inside each chunk
-    num = a @ v_c
-    den = a.sum(-1)
-    kv_chunk = fk_c.transpose(-1, -2) @ v_c  # (B, H, n, M, hd)
-    z_chunk = fk_c.sum(-2)  # (B, H, n, M)
-    kv_before = kv_chunk.cumsum(2) - kv_chunk  # exclusive prefix sums over chunks
-    z_before = z_chunk.cumsum(2) - z_chunk
-    if state is not None:
-        kv_before = kv_before + state.kv[:, :, None]
-        z_before = z_before + state.z[:, :, None]
-    num = num + fq_c @ kv_before
-    den = (den + (fq_c * z_before[:, :, :, None, :]).sum(-1)).flatten(2, 3)[:, :, :T]
-    if floor is not None:
-        den = torch.maximum(den, floor[:, None].to(den.dtype))
-    # A query that sees no key (all masked) has num = 0 and den = 0: its output is 0, not 0/0.
-    den = torch.where(den == 0, torch.ones_like(den), den)
-    out = num.flatten(2, 3)[:, :, :T] / den[..., None]
-    kv_end = kv_before[:, :, -1] + kv_chunk[:, :, -1]
-    z_end = z_before[:, :, -1] + z_chunk[:, :, -1]
-    return out, kv_end, z_end
+    kv0, z0 = (state.kv, state.z) if state is not None else (None, None)
+    return reference_linear_attention(fq, fk, v, chunk_size, kv0, z0, floor)
 
 
 def naive_causal_linear_attention(fq, fk, v, floor: torch.Tensor | None = None):
     """The same function as ``causal_linear_attention`` by the full masked (T, T) product (a test oracle)."""
-    T = fq.shape[-2]
-    a = (fq @ fk.transpose(-1, -2)) * torch.ones(T, T, dtype=torch.bool, device=fq.device).tril()
-    den = a.sum(-1)
-    if floor is not None:
-        den = torch.maximum(den, floor[:, None].to(den.dtype))
-    return (a @ v) / torch.where(den == 0, torch.ones_like(den), den)[..., None]
+    return naive_linear_attention(fq, fk, v, floor)
 
 
 class RationalFourierAttention(nn.Module):
@@ -272,7 +244,9 @@ class RationalFourierAttention(nn.Module):
                 keep = q.new_ones(B, T)
             seen = keep.cumsum(1) + (past_state.keys[:, None] if past_state is not None else 0)  # (B, T)
             floor = None if self.kernel == "gaussian" else self.eps * seen.clamp_min(1)
-            o, kv, z = causal_linear_attention(fq, fk, v, self.chunk_size, past_state, floor)
+            kv0, z0 = (past_state.kv, past_state.z) if past_state is not None else (None, None)
+            # through the registry: the Triton kernel on CUDA/ROCm, the reference elsewhere
+            o, kv, z = linear_attention(fq, fk, v, floor=floor, kv0=kv0, z0=z0, chunk_size=self.chunk_size)
             state = RFState(kv, z, seen[:, -1], start + T)
         o = o.to(out_dtype).transpose(1, 2).reshape(B, T, d)
         out = self.proj(o)

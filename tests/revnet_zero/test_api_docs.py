@@ -25,6 +25,6 @@ def test_api_doc_names_every_public_name():
     text = DOC.read_text()
     for module in ("revnet_zero", "revnet_zero.layers", "revnet_zero.models", "revnet_zero.memory",
                    "revnet_zero.training", "revnet_zero.utils", "revnet_zero.configs", "revnet_zero.benchmarks",
-                   "revnet_zero.jax"):
+                   "revnet_zero.jax", "revnet_zero.examples", "revnet_zero.research", "revnet_zero.experimental"):
         for name in importlib.import_module(module).__all__:
             assert name in text, f"{module}.{name} is missing from docs/api.md"

@@ -655,15 +655,10 @@ def test_mixed_precision_with_reversible_layers():
 
 # --- Planned, not built: kept visible -------------------------------------------------------------------
 PENDING = [
-    ("TritonRFAttention", "revnet_zero.kernels.TritonRFAttention is planned, not built"),
     ("reversible_rf", "BenchmarkSuite's 'reversible_rf' model needs RationalFourierAttention"),
     ("use_linear_attention_approximation", "LongContextTrainer(use_linear_attention_approximation=True): linear "
                                            "attention is not built; the trainer raises (the window works)"),
     ("DistributedReversibleTrainer", "revnet_zero.training.DistributedReversibleTrainer is planned, not built"),
-    ("HierarchicalReversibleAttention", "revnet_zero.experimental.HierarchicalReversibleAttention is planned"),
-    ("ContinuousDepthRevNet", "revnet_zero.experimental.ContinuousDepthRevNet is planned, not built"),
-    ("revnet_zero.examples", "LongContextPretraining and DocumentQA (revnet_zero.examples) are planned"),
-    ("revnet_zero.research", "MemoryEfficientResearch (revnet_zero.research) is planned, not built"),
 ]
 
 

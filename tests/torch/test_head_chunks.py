@@ -76,9 +76,9 @@ def test_head_chunks_bound_the_attention_graph(monkeypatch):
     chunks = []
     original = AttentionBlock.attend_heads
 
-    def measured(self, h, heads):
+    def measured(self, h, heads, key_mask=None):
         with saved_tensor_bytes(exclude=[h, *params]) as saved:
-            out = original(self, h, heads)
+            out = original(self, h, heads, key_mask)
         chunks.append(saved["bytes"])
         return out
 
