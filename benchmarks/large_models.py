@@ -26,6 +26,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seed_step import timed_steps  # noqa: E402
 
 METHODS = ("checkpoint", "reversible", "inbackward", "inbackward-bf16")
 
@@ -59,35 +63,14 @@ def optimizer(method: str, model):
 def run_cell(method: str, size: str, seq: int, steps: int) -> dict:
     import torch
 
-    from revnet_torch.optim import OptimizerInBackward
-
     torch.manual_seed(0)
     t_build = time.perf_counter()
     model = build(method, size, seq)
     opt = optimizer(method, model)
     t_build = time.perf_counter() - t_build
     ids = torch.randint(0, 50257, (1, seq), device="cuda")
-    fused = isinstance(opt, OptimizerInBackward)
-    times, losses = [], []
     try:
-        for step in range(1 + steps):
-            if step == 1:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(ids).loss
-            if fused:
-                opt.arm()
-            loss.backward()
-            if fused:
-                opt.finish()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            if step >= 1:
-                times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
+        times, losses = timed_steps(model, ids, opt, steps)
     except torch.OutOfMemoryError:
         return {"oom": True, "build_s": t_build, "params": sum(p.numel() for p in model.parameters())}
     return {

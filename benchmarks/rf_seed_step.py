@@ -17,11 +17,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from seed_step import SEED, environment  # noqa: E402
+from seed_step import SEED, environment, timed_steps  # noqa: E402
 
 
 def build(kind: str, seq: int, layers: int, features: int, device):
@@ -38,28 +37,6 @@ def build(kind: str, seq: int, layers: int, features: int, device):
     return model.to(device)
 
 
-def step_times(model, ids, opt, steps: int, cuda: bool):
-    import torch
-
-    times, losses = [], []
-    for step in range(1 + steps):
-        if cuda and step == 1:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
-            loss = model(ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if step >= 1:
-            times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    return times, losses
-
-
 def run_cell(kind: str, seq: int, args) -> dict:
     import torch
 
@@ -71,7 +48,7 @@ def run_cell(kind: str, seq: int, args) -> dict:
     ids = torch.randint(0, SEED["vocab_size"], (1, seq), device=device)
     row = {"attention": kind, "seq": seq, "layers": args.layers, "params": sum(p.numel() for p in model.parameters())}
     try:
-        times, losses = step_times(model, ids, opt, args.steps, cuda)
+        times, losses = timed_steps(model, ids, opt, args.steps)
     except torch.OutOfMemoryError:
         row["oom"] = True
         return row

@@ -34,22 +34,31 @@ def build(method: str, seq: int, layers: int, extra: dict):
 
 
 def timed_steps(model, ids, opt, steps: int) -> tuple[list[float], list[float]]:
-    """1 + ``steps`` bf16-autocast training steps on CUDA: (times of steps 2.., every loss); the peak-memory
-    statistics are reset after the first step (AdamW's state exists from then on)."""
+    """1 + ``steps`` bf16-autocast training steps on ids' device: (times of steps 2.., every loss); on CUDA the
+    peak-memory statistics are reset after the first step (AdamW's state exists from then on). An optimizer
+    with ``arm`` (``revnet_torch.optim.OptimizerInBackward``) is armed before each backward and finished
+    after it."""
     import torch
 
+    cuda = ids.device.type == "cuda"
+    in_backward = hasattr(opt, "arm")
     times, losses = [], []
     for step in range(1 + steps):
-        if step == 1:
+        if cuda and step == 1:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
             loss = model(ids).loss
+        if in_backward:
+            opt.arm()
         loss.backward()
+        if in_backward:
+            opt.finish()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         if step >= 1:
             times.append(time.perf_counter() - t0)
         losses.append(loss.item())

@@ -279,12 +279,17 @@ class ScalingResult:
             ax.set_title("short runs", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, format="png")
-        plt.close(fig)
-        return path
+        return _save_png(fig, path)
+
+
+def _save_png(fig, path) -> Path:
+    """Write ``fig`` to ``path`` (folders made) as PNG and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, format="png")
+    _plt().close(fig)
+    return path
 
 
 def _gib(x: float) -> str:
@@ -497,12 +502,7 @@ class AttentionPatterns:
         ax.set_title(f"distance histogram at T = {self.sequence_length}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, format="png")
-        plt.close(fig)
-        return path
+        return _save_png(fig, path)
 
 
 def _corpus_ids(T: int, vocab_size: int) -> tuple[np.ndarray, str]:
