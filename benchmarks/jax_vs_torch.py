@@ -1,15 +1,24 @@
-"""Training-step memory and time of the seed model in JAX: reversible against jax.checkpoint per layer, the
-checkpoint + host-offload baseline and plain autodiff, beside the torch backend, all in one run.
+"""Training-step memory and time of the seed model in JAX beside the torch backend, and the Pallas flash
+attention beside cuDNN's, all in one command.
 
-Each (method, length) cell runs in its own subprocess: an out-of-memory is a result, not a crash, and JAX's
-allocator state cannot leak from one cell into the next. JAX cells run with XLA_PYTHON_CLIENT_PREALLOCATE=false
-(JAX would otherwise take 75% of the GPU up front). One step = value_and_grad of the chunked LM loss + AdamW
-(optax if installed, else the hand-written AdamW below), jitted with parameters and optimizer state donated.
-Time = median of the steps after one warm-up step; memory = the device's peak_bytes_in_use (JAX) or
-max_memory_allocated over the timed steps (torch), plus XLA's compiled plan of the JAX step.
+Each cell (a method at a length) runs in its own subprocess: the two frameworks' allocators never share a
+process, an out-of-memory is a result, not a crash, and no allocator state leaks from one cell into the next.
+JAX cells run with XLA_PYTHON_CLIENT_PREALLOCATE=false (JAX would otherwise take 75% of the GPU up front).
+One step = value_and_grad of the chunked LM loss + AdamW (optax if installed, else the hand-written AdamW
+below), jitted with parameters and optimizer state donated; torch: the model's loss under bf16 autocast,
+backward, fused AdamW. Time = median of the steps after one warm-up step; memory = the device's
+peak_bytes_in_use (JAX; the whole process, compile included) or max_memory_allocated over the timed steps
+(torch), plus XLA's compiled plan of the JAX step.
 
-    python benchmarks/jax_vs_torch.py --seq 16384,32768,65536,131072 --out docs/benchmarks/jax_h100.json
-    python benchmarks/jax_vs_torch.py --tiny          # CPU smoke run at toy sizes
+Attention cells (``attn-pallas``, ``attn-cudnn``): causal attention of the seed model's shape (1 x 16 heads x
+head dim 64, bf16), forward+backward and forward alone, median of repetitions, in TFLOP/s counting causal
+work only (forward 2 B H T^2 D, backward 2.5x forward: benchmarks/kernels_bench.py's convention). The Pallas
+cell first checks the kernel against the reference on this device (fp32, T=333, forward and gradients),
+since CI checks it only in the interpreter. On CPU (--smoke) the Pallas kernel runs in its interpreter and
+"cudnn" means XLA's kernel.
+
+    python benchmarks/jax_vs_torch.py --out docs/benchmarks/jax_h200.json      # 64k, 256k + attention 16k-64k
+    python benchmarks/jax_vs_torch.py --smoke --out /tmp/smoke.json           # CPU, toy sizes, seconds
 """
 
 from __future__ import annotations
@@ -33,7 +42,10 @@ JAX_METHODS = {  # method -> (per-layer policy, host offload of checkpointed inp
     "jax-plain": ("store", False),
 }
 TORCH_METHODS = {"torch-reverse": "reverse", "torch-checkpoint": "checkpoint"}
+ATTN_METHODS = ("attn-pallas", "attn-cudnn")
 METHODS = (*JAX_METHODS, *TORCH_METHODS)
+DEFAULT_METHODS = "jax-reverse,torch-reverse"  # the issue's comparison; the other baselines on request
+ATTN = dict(heads=16, head_dim=64)  # the seed model's attention shape, batch 1
 GiB = 2**30
 
 
@@ -136,6 +148,86 @@ def jax_cell(method: str, seq: int, cfg: dict, steps: int) -> dict:
     return result
 
 
+def attn_flops(B: int, H: int, T: int, D: int, backward: bool = True) -> float:
+    """Causal work only, as benchmarks/kernels_bench.attn_flops (not imported: that module imports torch)."""
+    return 2.0 * B * H * T * T * D * (3.5 if backward else 1.0)
+
+
+def _median_s(fn, args, reps: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def pallas_check(interpret: bool, T: int = 333) -> dict:
+    """Max |difference| of the Pallas kernel from the reference on this device: fp32, T tokens (not a
+    multiple of any block), window None and T // 3."""
+    import jax
+    import jax.numpy as jnp
+
+    from revnet_kernels.attn_pallas import flash_attention, reference_attention
+
+    out = {}
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(key, (1, T, 4, 64), jnp.float32) for key in ks)
+    for window in (None, T // 3):
+        def grads(f):
+            o, pull = jax.vjp(f, q, k, v)
+            return (o, *pull(do))
+
+        got = jax.jit(lambda: grads(lambda a, b, c: flash_attention(a, b, c, window=window, interpret=interpret)))()
+        ref = jax.jit(lambda: grads(lambda a, b, c: reference_attention(a, b, c, window=window)))()
+        out[f"window={window}"] = {n: float(jnp.abs(a - b).max()) for n, a, b in zip(("o", "dq", "dk", "dv"), got, ref)}
+    return out
+
+
+def attn_cell(method: str, seq: int, reps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from revnet_kernels.attn_pallas import flash_attention
+
+    cpu = jax.devices()[0].platform == "cpu"
+    H, D = ATTN["heads"], ATTN["head_dim"]
+    result: dict = {"shape": [1, seq, H, D], "dtype": "bfloat16"}
+    if method == "attn-pallas":
+        try:
+            result["check_fp32"] = pallas_check(cpu, 77 if cpu else 333)  # the interpreter is slow
+        except Exception as exc:  # the kernel's first run on this device: report, then time anyway
+            result["check_error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+
+        def attend(q, k, v):
+            return flash_attention(q, k, v, interpret=cpu)
+        result["implementation"] = "pallas (interpreter)" if cpu else "pallas"
+    else:
+        impl = "xla" if cpu else "cudnn"
+
+        def attend(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        result["implementation"] = f"jax.nn.dot_product_attention(implementation={impl!r})"
+    ks = jax.random.split(jax.random.key(1), 4)
+    q, k, v, do = (jax.random.normal(key, (1, seq, H, D), jnp.float32).astype(jnp.bfloat16) for key in ks)
+    fwd = jax.jit(attend)
+    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
+    try:
+        t_f = _median_s(fwd, (q, k, v), reps)
+        t_fb = _median_s(fwd_bwd, (q, k, v, do), reps)
+    except Exception as exc:
+        if _is_oom(exc):
+            return {**result, "oom": True, "message": str(exc).splitlines()[0][:300]}
+        raise
+    result.update({"oom": False, "fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3,
+                   "fwd_tflops": attn_flops(1, H, seq, D, False) / t_f / 1e12,
+                   "fwd_bwd_tflops": attn_flops(1, H, seq, D) / t_fb / 1e12})
+    return result
+
+
 def torch_cell(method: str, seq: int, cfg: dict, steps: int) -> dict:
     import torch
 
@@ -203,6 +295,8 @@ def _cell_env() -> dict:
 
 
 def run_cell(method: str, seq: int, cfg: dict, steps: int) -> dict:
+    if method in ATTN_METHODS:
+        return attn_cell(method, seq, reps=max(2, steps) if seq < 4096 else 10)
     if method in JAX_METHODS:
         return jax_cell(method, seq, cfg, steps)
     return torch_cell(method, seq, cfg, steps)
@@ -213,17 +307,44 @@ def _show(r: dict) -> str:
         return "OOM"
     if "error" in r or "skipped" in r:
         return "ERROR" if "error" in r else f"skipped ({r['skipped']})"
+    if "fwd_bwd_tflops" in r:
+        errs = [e for d in r.get("check_fp32", {}).values() for e in d.values()]
+        check = f"  fp32 check max err {max(errs):.1e}" if errs else ""
+        return (f"{r['fwd_bwd_tflops']:7.1f} TFLOP/s fwd+bwd ({r['fwd_bwd_ms']:.2f} ms), "
+                f"{r['fwd_tflops']:.1f} fwd{check}")
     peak = "   n/a   " if r.get("peak_gib") is None else f"{r['peak_gib']:6.2f} GiB"
     return f"{peak}  {r['step_s_median']:8.3f} s"
 
 
+def ratios(rows: list[dict]) -> list[dict]:
+    """Per length: JAX reverse / torch reverse step time and peak (the issue's targets: <= 1.2x, <= 1.1x), and
+    Pallas / cuDNN attention throughput."""
+    by = {(r["method"], r["seq"]): r for r in rows if r.get("oom") is False}
+    out = []
+    for seq in sorted({r["seq"] for r in rows}):
+        j, t = by.get(("jax-reverse", seq)), by.get(("torch-reverse", seq))
+        if j and t:
+            out.append({"seq": seq, "jax_over_torch_step": j["step_s_median"] / t["step_s_median"],
+                        "jax_over_torch_peak": (j["peak_gib"] / t["peak_gib"]
+                                                if j.get("peak_gib") and t.get("peak_gib") else None)})
+        p, c = by.get(("attn-pallas", seq)), by.get(("attn-cudnn", seq))
+        if p and c:
+            out.append({"seq": seq, "pallas_over_cudnn_fwd_bwd": p["fwd_bwd_tflops"] / c["fwd_bwd_tflops"]})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
-    ap.add_argument("--seq", default=None, help="comma-separated tokens per step (default 16k..128k; --tiny: 64,128)")
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help=f"comma-separated, of {list(METHODS)}; 'none' runs the attention cells alone")
+    ap.add_argument("--seq", default=None,
+                    help="comma-separated tokens per step (default 65536,262144; --smoke: 64,128)")
+    ap.add_argument("--attn-seq", default=None,
+                    help="attention lengths (default 16384,32768,65536; --smoke: 64; 'none' skips the attention cells)")
     ap.add_argument("--layers", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
-    ap.add_argument("--tiny", action="store_true", help="toy model and lengths: runs on CPU in seconds")
+    ap.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    ap.add_argument("--smoke", "--tiny", dest="tiny", action="store_true",
+                    help="toy model and lengths: runs on CPU in seconds")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per cell")
     ap.add_argument("--extra", default="{}", help="JSON of extra ModelConfig fields")
     ap.add_argument("--out", default=None, help="write the JSON result here")
@@ -236,30 +357,35 @@ def main(argv=None) -> int:
     if args.cell:
         print(json.dumps(run_cell(args.cell[0], int(args.cell[1]), cfg, args.steps)))
         return 0
-    methods = args.methods.split(",")
+    methods = [] if args.methods == "none" else args.methods.split(",")  # none: the attention cells alone
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown methods {unknown}; known: {list(METHODS)}")
-    seqs = [int(s) for s in (args.seq or ("64,128" if args.tiny else "16384,32768,65536,131072")).split(",")]
+    seqs = [int(s) for s in (args.seq or ("64,128" if args.tiny else "65536,262144")).split(",")]
+    attn = args.attn_seq or ("64" if args.tiny else "16384,32768,65536")
+    attn_seqs = [] if attn == "none" else [int(s) for s in attn.split(",")]
+    cells = [(m, s) for s in seqs for m in methods] + [(m, s) for s in attn_seqs for m in ATTN_METHODS]
     rows = []
-    for seq in seqs:
-        for method in methods:
-            cmd = [sys.executable, os.path.abspath(__file__), "--cell", method, str(seq), "--steps", str(args.steps),
-                   "--extra", json.dumps(cfg)] + (["--tiny"] if args.tiny else [])
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=_cell_env(), timeout=args.timeout)
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
-            except subprocess.TimeoutExpired:
-                res = {"error": f"timed out after {args.timeout:.0f} s"}
-            except (IndexError, json.JSONDecodeError):
-                # a process killed for memory (host or device) leaves no JSON: say how it ended
-                res = {"error": f"exit code {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
-            rows.append({"method": method, "seq": seq, **res})
-            print(f"{method:>16} {seq:>8} {_show(rows[-1])}", flush=True)
-            if "error" in res:
-                print(res["error"], file=sys.stderr)
+    for method, seq in cells:
+        cmd = [sys.executable, os.path.abspath(__file__), "--cell", method, str(seq), "--steps", str(args.steps),
+               "--extra", json.dumps(cfg)] + (["--tiny"] if args.tiny else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_cell_env(), timeout=args.timeout)
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            res = {"error": f"timed out after {args.timeout:.0f} s"}
+        except (IndexError, json.JSONDecodeError):
+            # a process killed for memory (host or device) leaves no JSON: say how it ended
+            res = {"error": f"exit code {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
+        rows.append({"method": method, "seq": seq, **res})
+        print(f"{method:>16} {seq:>8} {_show(rows[-1])}", flush=True)
+        if "error" in res:
+            print(res["error"], file=sys.stderr)
     result = {"environment": environment(), "config": cfg, "compute": "bf16 matmuls, fp32 streams and params",
-              "rows": rows}
+              "attention_shape": {"batch": 1, **ATTN, "dtype": "bfloat16", "causal": True},
+              "rows": rows, "ratios": ratios(rows)}
+    for r in result["ratios"]:
+        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if args.out:
         tmp = f"{args.out}.tmp"
         with open(tmp, "w") as f:

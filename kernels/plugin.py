@@ -14,6 +14,7 @@ from .registry import KernelImpl
 
 GPU = frozenset({"cuda", "rocm"})
 TRITON_DTYPES = frozenset({"float16", "bfloat16", "float32"})
+JAX = frozenset({"jax"})
 
 
 def _flash_shapes(meta) -> bool:
@@ -76,6 +77,18 @@ BUILTIN_KERNELS = (
                _triton_activation_kinds, priority=20, ranked=_triton_activation_rank, requires=("triton",),
                description="GELU-tanh, SiLU, GeGLU, SwiGLU fused with the gate"),
     KernelImpl("activation", "reference", "revnet_kernels.activations:reference_activation", is_reference=True),
+    # JAX attention (framework "jax": the JAX blocks' arrays are (B, T, H, D)). XLA's
+    # jax.nn.dot_product_attention (cuDNN on GPU where it applies) outranks the Pallas kernel until
+    # benchmarks/jax_vs_torch.py's attention table measures the kernel faster on a device; then give the
+    # Pallas record a ``ranked`` crossover from that measurement. REVNET_KERNELS=attention=pallas forces it.
+    KernelImpl("attention", "xla", "revnet_kernels.attn_pallas:xla_impl", priority=30, requires=("jax",),
+               frameworks=JAX,
+               description="jax.nn.dot_product_attention (cuDNN on GPU for bf16/fp16, else XLA)"),
+    KernelImpl("attention", "pallas", "revnet_kernels.attn_pallas:pallas_impl", GPU, TRITON_DTYPES,
+               _flash_shapes, priority=10, requires=("jax",), frameworks=JAX,
+               description="Pallas flash attention forward+backward, causal, window (not measured yet)"),
+    KernelImpl("attention", "reference", "revnet_kernels.attn_pallas:reference_impl", is_reference=True,
+               requires=("jax",), frameworks=JAX, description="plain jax.numpy, (T, T) scores"),
     KernelImpl("linear_cross_entropy", "triton", "revnet_kernels.cross_entropy_triton:triton_impl", GPU,
                TRITON_DTYPES, priority=20, requires=("triton",),
                description="chunked rows, fused softmax + gradient pass, no full logits"),

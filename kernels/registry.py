@@ -192,6 +192,9 @@ def device_kind(device: Any) -> str:
     device = getattr(device, "device", device)  # a tensor -> its device
     platform = getattr(device, "platform", None)  # jax devices
     if platform is not None:
+        if platform == "gpu":  # jax names CUDA and ROCm devices alike; its client says which
+            version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
+            return "rocm" if "rocm" in version else "cuda"
         return "rocm" if platform == "rocm" else platform
     kind = getattr(device, "type", None) or str(device).split(":")[0]
     if kind == "cuda":

@@ -68,7 +68,6 @@ PRETRAIN_TOKENS = {"125M": 0.5e6, "350M": 0.5e6, "760M": 0.5e6, "1B": 1e6, "1.3B
 FINETUNE_TOKENS = 64 * 4096
 REGIMES = ("pre-training", "fine-tuning")
 
-
 @dataclass
 class Recommendation:
     """One suggestion: ``category``, ``suggestion`` (what to do), ``expected_gain`` (what it buys, from the
@@ -187,6 +186,9 @@ class OptimizationAdvisor:
                     None, plan.peak_bytes - block.peak_bytes, block.relative_time - plan.relative_time))
         base = plan.policies if plan.fits else tuple(["reverse"] * L)
         recs += self._loss_head(cfg, base)
+        optimizer = self.optimizer_recommendation()
+        if optimizer is not None:
+            recs.append(optimizer)
         if self.workload.autocast_dtype is None:
             bf = self._cm(cfg, autocast_dtype="bfloat16")
             saved = cm.peak_bytes(list(base)) - bf.peak_bytes(list(base))
@@ -203,6 +205,22 @@ class OptimizationAdvisor:
         recs += self._batch(cfg)
         self.recommendations = recs
         return recs
+
+    def optimizer_recommendation(self) -> Recommendation | None:
+        """A leaner optimizer option (the backend's ladder, e.g. ``revnet_torch.optim_cost.LADDER``) when plain
+        AdamW, with every layer reversed, fills too much of the budget; None when AdamW has room (or the
+        backend's cost model cannot price options)."""
+        cfg = self.config.replace(max_seq_len=max(self.config.max_seq_len, self.target))
+        cm = self._cm(cfg)
+        if not hasattr(cm, "choose_optimizer"):
+            return None
+        name, peaks, how = cm.choose_optimizer(["reverse"] * cfg.num_layers, self.budget)
+        if name == "adamw":
+            return None
+        return Recommendation(
+            "optimizer", how, f"predicted peak {format_bytes(peaks['adamw'])} -> "
+            f"{format_bytes(peaks[name])} of the {format_bytes(self.budget)} budget (every layer reversed)",
+            {"optimizer": name}, peaks["adamw"] - peaks[name])
 
     def _loss_head(self, cfg: ModelConfig, plan: tuple[str, ...]) -> list[Recommendation]:
         """The largest loss-head chunk (fewer, larger matmuls) whose peak is within 1% of the smallest's."""
@@ -237,7 +255,7 @@ class OptimizationAdvisor:
 
     def apply_recommendations(self, model=None):
         """Apply what can be applied to a built model: policies (``set_policy``) and the loss-head chunk and
-        length limit (its config). Returns the model."""
+        length limit (its config); an ``optimizer`` action is the trainer's to take. Returns the model."""
         model = model if model is not None else self.model
         if model is None:
             raise ValueError("apply_recommendations needs a model")
@@ -277,7 +295,7 @@ class OptimalConfig:
     relative_step_time: float
     fits: bool
     notes: list[str] = field(default_factory=list)
-
+    optimizer: str = "adamw"  # an option of the backend's cost model (revnet_torch.optim_cost.OPTIMIZER_OPTIONS)
     @property
     def policy(self) -> str:
         return policy_table.summary(self.policies)
@@ -296,7 +314,7 @@ class OptimalConfig:
                 f"({self.recompute_granularity} granularity, {self.coupling_type} coupling); loss chunk "
                 f"{self.loss_chunk_size}, FFN chunk {self.ffn_chunk_size}; predicted peak "
                 f"{format_bytes(self.predicted_peak_bytes)} of {format_bytes(self.budget_bytes)}; step compute "
-                f"{self.relative_step_time:.3f}x of storing every layer")
+                f"{self.relative_step_time:.3f}x of storing every layer; optimizer {self.optimizer}")
 
 
 class OptimalConfigs:
@@ -305,13 +323,16 @@ class OptimalConfigs:
     @staticmethod
     def get_config(model_size: str, context_length: int, hardware: str, training_regime: str = "pre-training",
                    *, autocast_dtype: str = "bfloat16", vocab_size: int = 50257,
-                   max_batch: int = 64, backend: str = DEFAULT_BACKEND) -> OptimalConfig:
+                   max_batch: int = 64, backend: str = DEFAULT_BACKEND, optimizer: str = "auto") -> OptimalConfig:
         """The fastest configuration (per token) that fits ``hardware`` at ``context_length``, from the cost model.
 
         Tried: the additive coupling (and affine if additive does not fit); layer and block granularity; batches
         1, 2, 4, ... while the compute per token does not grow; then loss-head chunks 1024..8192 and FFN chunks
         4096..32768. Kept: the lowest predicted compute per token, ties (within 1%) to the larger batch and
         chunks. Gradient accumulation reaches the regime's tokens per optimizer step.
+        ``optimizer``: "auto" asks the cost model's ``choose_optimizer`` at batch 1 with every layer reversed (with
+        accumulation only the state's options: every gradient exists on the earlier micro-batches); or name an
+        option (torch: ``revnet_torch.optim_cost.OPTIMIZER_OPTIONS``). Every peak below is priced with it.
         """
         if model_size not in MODEL_SIZES:
             raise ValueError(f"model_size={model_size!r} is not one of {list(MODEL_SIZES)}")
@@ -320,11 +341,26 @@ class OptimalConfigs:
         if not isinstance(context_length, int) or context_length < 2:
             raise ValueError(f"context_length={context_length!r} must be an integer >= 2")
         budget = gpu_budget(hardware)
-        CostModel = cost_class(backend)
+        Plain = cost_class(backend)
         layers, d, heads = MODEL_SIZES[model_size]
         base = ModelConfig(num_layers=layers, d_model=d, num_heads=heads, d_ff=4 * d, vocab_size=vocab_size,
                            max_seq_len=context_length)
         notes: list[str] = []
+        target = PRETRAIN_TOKENS[model_size] if training_regime == "pre-training" else FINETUNE_TOKENS
+        first = Plain(base, Workload(batch=1, seq_len=context_length, autocast_dtype=autocast_dtype))
+        how = ""
+        if optimizer == "auto" and hasattr(first, "choose_optimizer"):
+            optimizer, _, how = first.choose_optimizer(["reverse"] * layers, budget, target > context_length)
+        elif optimizer == "auto":
+            optimizer = "adamw"
+        elif not hasattr(first, "with_optimizer"):
+            raise ValueError(f"optimizer={optimizer!r}: the {backend} cost model prices only 'auto' (AdamW)")
+        chosen = optimizer
+
+        def CostModel(config, workload):  # the backend's cost model, its peaks priced with the chosen option
+            cm = Plain(config, workload)
+            return cm.with_optimizer(chosen) if hasattr(cm, "with_optimizer") else cm
+
         best = None
         for coupling in ("additive", "affine"):  # affine only if additive (less memory, fewer FLOPs) fails
             if best is not None:
@@ -364,12 +400,13 @@ class OptimalConfigs:
             _, cfg, b, gran, plan = best
         cfg, loss_chunk, ffn_chunk, peak = OptimalConfigs._chunks(CostModel, cfg, b, context_length, autocast_dtype,
                                                                   plan, budget)
-        target = PRETRAIN_TOKENS[model_size] if training_regime == "pre-training" else FINETUNE_TOKENS
         accum = max(1, math.ceil(target / (b * context_length)))
         notes.append(f"{training_regime}: {int(target)} tokens per optimizer step -> {accum} accumulation steps")
+        if chosen != "adamw":
+            notes.append(f"optimizer: {how or chosen}")
         return OptimalConfig(model_size, hardware, context_length, training_regime, layers, d, heads, 4 * d,
                              vocab_size, cfg.coupling, gran, list(plan.policies), loss_chunk, ffn_chunk, b, accum,
-                             peak, budget, plan.relative_time, peak <= budget, notes)
+                             peak, budget, plan.relative_time, peak <= budget, notes, chosen)
 
     @staticmethod
     def _chunks(CostModel, cfg, batch, T, autocast, plan, budget):

@@ -20,7 +20,13 @@ STREAM_DTYPES = ("float32", "float64", "bfloat16", "float16")
 # merge of models saved before the field existed.
 STREAM_MERGES = ("sum", "mean")
 # Fields a saved config may lack, and what such a model used (every model saved before ``causal`` was causal).
-LEGACY_DEFAULTS = {"stream_merge": "mean", "causal": True}
+LEGACY_DEFAULTS = {"stream_merge": "mean", "causal": True, "attention_kind": "softmax", "attention_options": {}}
+# The attention family of every layer: exact softmax, or Rational-Fourier random-feature attention (linear in
+# length; the torch backend only). RF_KERNELS and RF_OPTIONS (with their defaults) are defined here once:
+# revnet_torch.rf_attention imports them.
+ATTENTION_KINDS = ("softmax", "rf")
+RF_KERNELS = ("gaussian", "laplacian", "cauchy")
+RF_OPTIONS = {"kernel": "gaussian", "num_fourier_features": 64, "learnable_features": False, "chunk_size": 64}
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class ModelConfig:
     attn_head_chunk: int = 0  # heads per attention chunk (0: from the length, ~2^20 token-heads per chunk)
     attention_window: int | None = None  # sliding-window attention: each token sees the last N (None: all)
     causal: bool = True  # False: every token attends to every other (an encoder; torch backend only)
+    attention_kind: str = "softmax"  # ATTENTION_KINDS; "rf": Rational-Fourier attention (torch backend only)
+    attention_options: dict[str, Any] = field(default_factory=dict)  # "rf": RF_OPTIONS, e.g. {"kernel": "cauchy"}
     init_std: float = 0.02
     # Kernel choices, which are not architecture: one section per backend, validated by that backend when it
     # builds (revnet_torch.options, revnet_jax.options), e.g. {"torch": {"loss_kernel": "fused"}}.
@@ -65,6 +73,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def rf_options(self) -> dict[str, Any]:
+        """The RF attention settings with their defaults filled in (RF_OPTIONS); empty for softmax."""
+        return {**RF_OPTIONS, **self.attention_options} if self.attention_kind == "rf" else {}
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "ModelConfig":
@@ -137,6 +150,7 @@ def validate(cfg: ModelConfig) -> None:
     _choice(cfg, "stream_dtype", STREAM_DTYPES)
     _choice(cfg, "stream_merge", STREAM_MERGES)
     policies.check(cfg.policy)
+    _check_attention_kind(cfg)
     if not isinstance(cfg.backend_options, dict) or not all(
             isinstance(k, str) and isinstance(v, dict) for k, v in cfg.backend_options.items()):
         raise ConfigError(f"backend_options={cfg.backend_options!r} must map backend names to dicts of options")
@@ -145,6 +159,35 @@ def validate(cfg: ModelConfig) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < math.inf:
             raise ConfigError(f"{name}={value!r} must be a finite number > {low}")
+
+
+def _check_attention_kind(cfg: ModelConfig) -> None:
+    _choice(cfg, "attention_kind", ATTENTION_KINDS)
+    opts, allowed = cfg.attention_options, RF_OPTIONS if cfg.attention_kind == "rf" else {}
+    if not isinstance(opts, dict) or set(opts) - set(allowed):
+        raise ConfigError(f"attention_options={opts!r} with attention_kind={cfg.attention_kind!r}: a dict of "
+                          f"{sorted(allowed) or 'nothing (the options are for attention_kind=rf)'}")
+    if cfg.attention_kind == "softmax":
+        return
+    rf = cfg.rf_options
+    for name, good, what in (("kernel", rf["kernel"] in RF_KERNELS, f"one of {list(RF_KERNELS)}"),
+                             ("learnable_features", isinstance(rf["learnable_features"], bool), "True or False"),
+                             *((n, type(rf[n]) is int and rf[n] > 0, "a positive integer")
+                               for n in ("num_fourier_features", "chunk_size"))):
+        if not good:
+            raise ConfigError(f"attention_options {name}={rf[name]!r} must be {what}")
+    # (causal=False and attention_dropout are refused by the layer that would build them: revnet_torch.layers)
+    if cfg.attention_window is not None and rf["kernel"] != "gaussian":
+        raise ConfigError(f"attention_window={cfg.attention_window} with attention_kind='rf' and kernel="
+                          f"{rf['kernel']!r}: the windowed hybrid adds the RF estimate of softmax's exp(q.k) beyond the window, which "
+                          "only kernel='gaussian' estimates")
+
+
+def require_softmax(cfg: ModelConfig, backend: str) -> None:
+    """ConfigError unless ``cfg``'s attention is softmax: RF attention is built in the torch backend only."""
+    if cfg.attention_kind != "softmax":
+        raise ConfigError(f"attention_kind={cfg.attention_kind!r} is built in the torch backend only, not in "
+                          f"{backend}; build this config with backend='torch'")
 
 
 def backend_section(cfg: ModelConfig, backend: str, options_cls: type) -> Any:

@@ -61,3 +61,8 @@ class CheckpointUnsafeError(CheckpointError):
 
 class CheckpointIncompatibleError(CheckpointError):
     """A sound file that does not fit: another format, backend, model config or run settings."""
+
+
+class DistributedError(RevNetError, RuntimeError):
+    """A distributed wrapping or sharding the reversible engine cannot train under (its layers' gradients would
+    not arrive, or arrive unsynchronised); the message names the layer and the supported way."""

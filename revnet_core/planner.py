@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
-from .policies import GRANULARITIES, RECOMPUTING
+from .policies import GRANULARITIES, KEEPING_ATTENTION, RECOMPUTING
 from .policies import summary as plan_summary
 
 STRATEGIES = ("aggressive", "balanced", "adaptive")
@@ -72,12 +72,19 @@ class Plan:
                 f"storing every layer")
 
 
-def layer_options(granularity: str, invertible: bool = True) -> tuple[str, ...]:
-    """The menu for one layer, most memory first. A layer that cannot be inverted checkpoints instead."""
+def layer_options(granularity: str, invertible: bool = True, keepable: bool = False) -> tuple[str, ...]:
+    """The menu for one layer, most memory first. A layer that cannot be inverted checkpoints instead;
+    ``keepable`` (the backend can keep this layer's attention for its backward) adds
+    ``reverse_keep_attention`` before ``reverse``."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"recompute_granularity={granularity!r} is not one of {list(GRANULARITIES)}")
     opts = GRANULARITIES[granularity]
-    return opts if invertible else tuple("checkpoint" if o == "reverse" else o for o in opts)
+    if not invertible:
+        return tuple("checkpoint" if o == "reverse" else o for o in opts)
+    if keepable:
+        at = opts.index("reverse")
+        opts = opts[:at] + KEEPING_ATTENTION + opts[at:]
+    return opts
 
 
 class _Evaluator:
@@ -118,13 +125,14 @@ def _ordered(menus: list[tuple[str, ...]], ev: _Evaluator) -> list[list[str]]:
 
 def plan_layers(model: Priced, num_layers: int, budget: int | None, *, strategy: str = "adaptive",
                 granularity: str = "layer", invertible: Sequence[bool] | None = None,
-                fixed: dict[int, str] | None = None) -> Plan:
+                fixed: dict[int, str] | None = None, keepable: Sequence[bool] | None = None) -> Plan:
     """The fastest plan under ``budget`` bytes (see the module docstring).
 
     strategy: ``aggressive`` recomputes every layer (least memory, no budget needed); ``balanced`` aims at the
     midpoint between the least-memory and the all-store peaks (capped by ``budget``); ``adaptive`` uses the
     whole ``budget``. ``invertible[i]`` False makes layer i checkpoint instead of reverse. ``fixed`` pins
-    layers to a policy (LayerScheduler's explicit choices).
+    layers to a policy (LayerScheduler's explicit choices). ``keepable[i]`` True offers layer i
+    ``reverse_keep_attention`` (the backend says it can run it; default: no layer).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not one of {list(STRATEGIES)}")
@@ -135,7 +143,9 @@ def plan_layers(model: Priced, num_layers: int, budget: int | None, *, strategy:
     invertible = list(invertible) if invertible is not None else [True] * num_layers
     fixed = dict(fixed or {})
     ev = _Evaluator(model)
-    menus = [(fixed[i],) if i in fixed else layer_options(granularity, invertible[i]) for i in range(num_layers)]
+    keepable = list(keepable) if keepable is not None else [False] * num_layers
+    menus = [(fixed[i],) if i in fixed else layer_options(granularity, invertible[i], keepable[i])
+             for i in range(num_layers)]
     orders = _ordered(menus, ev)
     least = [o[0] for o in orders]
     most = [o[-1] for o in orders]

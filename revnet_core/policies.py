@@ -21,6 +21,7 @@ class Policy:
     keeps: str  # what the forward leaves alive for the backward, in words
     recomputes: str
     needs_inverse: bool = False
+    keeps_attention: bool = False  # the attention kernel's output and log-sum-exp: its backward needs no rerun
 
 
 TABLE = (
@@ -29,13 +30,20 @@ TABLE = (
     Policy("recompute_attention", "the layer's activations but attention's; attention's input instead",
            "attention"),
     Policy("checkpoint", "the layer's two input streams", "layer"),
+    Policy("reverse_keep_attention", "the attention output and its log-sum-exp per head (2 x d + 4 x heads "
+           "bytes a token in bf16); inputs are rebuilt from the outputs", "layer", needs_inverse=True,
+           keeps_attention=True),
     Policy("reverse", "nothing: inputs are rebuilt from the outputs", "layer", needs_inverse=True),
 )
 BY_NAME = {p.name: p for p in TABLE}
 NAMES = tuple(BY_NAME)  # most memory first
 DEFAULT = "reverse"
 RECOMPUTING = tuple(p.name for p in TABLE if p.recomputes)
-WHOLE_LAYER = tuple(p.name for p in TABLE if p.recomputes in ("", "layer"))  # no block recomputed alone
+# No block recomputed alone; reverse_keep_attention is left out: only some layers can take it (the backend's
+# refusal says which), so it is offered per layer (planner's ``keepable``), never as a blanket choice.
+WHOLE_LAYER = tuple(p.name for p in TABLE if p.recomputes in ("", "layer") and not p.keeps_attention)
+REVERSING = tuple(p.name for p in TABLE if p.needs_inverse)  # rebuilt from their outputs: one segment
+KEEPING_ATTENTION = tuple(p.name for p in TABLE if p.keeps_attention)
 
 # The planner's menus, least recompute first: each granularity adds finer options to the one before.
 GRANULARITIES = {

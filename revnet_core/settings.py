@@ -59,6 +59,8 @@ class TrainSettings:
     passkey_digits: int = _opt(5, "digits of the passkey (--task passkey)")
     data: list | None = _opt(None, "text files or folders to train on instead of the embedded corpus",
                              kind=str, nargs="+", metavar="PATH")
+    tokens: str | None = _opt(None, "a token file (python -m revnet_core.token_file) to train on instead; the "
+                              "vocabulary comes from its header", kind=str, metavar="PATH")
     eval_every: int = _opt(50, "steps between held-out evaluations (and at the end)")
     eval_windows: int = _opt(64, "held-out sequences per evaluation")
     checkpoint_every: int | None = _opt(None, "steps between checkpoints (one is always written at the end)",
@@ -86,7 +88,8 @@ class TrainSettings:
         max_seq_len = self.max_seq_len if self.max_seq_len is not None else self.seq_len
         if self.seq_len > max_seq_len:
             raise ConfigError(f"seq_len={self.seq_len} is larger than max_seq_len={max_seq_len}")
-        return ModelConfig(**shape, d_ff=self.d_ff, vocab_size=256, max_seq_len=max_seq_len, coupling=self.coupling,
+        return ModelConfig(**shape, d_ff=self.d_ff, vocab_size=self.vocab_size(), max_seq_len=max_seq_len,
+                           coupling=self.coupling,
                            policy="reverse" if self.policies else self.policy)
 
     def validate(self) -> None:
@@ -127,6 +130,18 @@ class TrainSettings:
             raise ConfigError(f"got {len(self.policies)} policies for {config.num_layers} layers")
         if self.data is not None and self.task != "lm":
             raise ConfigError(f"--data is for --task lm; the {self.task} task makes its own data")
+        if self.tokens is not None and (self.data is not None or self.task != "lm"):
+            raise ConfigError("--tokens is a corpus for --task lm, instead of --data: give one of them"
+                              if self.data is not None else f"--tokens is for --task lm; the {self.task} task "
+                              "makes its own data")
+
+    def vocab_size(self) -> int:
+        """The model's vocabulary: the token file's (its header), else bytes (256)."""
+        if self.tokens is None:
+            return 256
+        from .token_file import open_tokens
+
+        return open_tokens(self.tokens).vocab_size
 
     @property
     def clip_norm(self) -> float | None:
@@ -140,6 +155,11 @@ def make_data(settings: TrainSettings):
 
         return passkey_data(settings.seq_len, settings.batch_size, settings.seed, settings.eval_windows,
                             settings.passkey_digits)
+    if settings.tokens is not None:
+        from .token_file import token_data
+
+        return token_data(settings.tokens, settings.seq_len, settings.batch_size, settings.seed,
+                          eval_windows_max=settings.eval_windows)
     from .data import file_corpus, lm_data, stdlib_corpus
 
     corpus = file_corpus(settings.data) if settings.data else stdlib_corpus()

@@ -68,7 +68,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = record.load("trainer")
     config = settings.model_config()
     d = data.identity
-    source = f"{d['source']}" + (f" (Python {d['python_version']}, sha256 {d['sha256'][:12]})" if "sha256" in d else "")
+    if d.get("source") == "token-file":  # its header: how many ids, of what vocabulary
+        source = (f"token file {settings.tokens} ({d['tokens']:,} tokens, vocab {d['vocab_size']}, sha256 "
+                  f"{d['sha256'][:12]})")
+    else:
+        source = f"{d['source']}" + (f" (Python {d['python_version']}, sha256 {d['sha256'][:12]})"
+                                     if "sha256" in d else "")
     resuming = f"resuming {settings.resume}, " if settings.resume else ""
     print(f"revnet train: {resuming}{config.num_layers} layers, d_model {config.d_model}, {config.num_heads} heads, "
           f"seq_len {settings.seq_len}, {settings.steps} steps, task {settings.task}, data {source}, "
@@ -115,6 +120,9 @@ def _print_summary(settings: TrainSettings, summary: dict[str, Any]) -> None:
         parts = [f"held-out loss {ev['eval_loss']:.4f} (step {ev.get('step', summary['step'])})"]
         if "eval_bits_per_byte" in ev:
             parts.append(f"bits per byte {ev['eval_bits_per_byte']:.4f}")
+        elif "eval_bits_per_token" in ev:  # a token file's ids are not bytes: no bits per byte to claim
+            parts[0] = parts[0].replace("held-out loss", "held-out loss per token")
+            parts.append(f"bits per token {ev['eval_bits_per_token']:.4f}")
         if "eval_accuracy" in ev:
             parts.append(f"passkey accuracy {ev['eval_accuracy']:.3f} (digits {ev['eval_token_accuracy']:.3f})")
         lines.append("  ".join(parts))

@@ -1,7 +1,10 @@
-"""Training loops (PyTorch): ``LongContextTrainer(model=..., max_length=...).train(train_dataset=...)``, and
-``ReversibleAMPTrainer(model, fp16=True, loss_scale='dynamic')`` for loss-scaled fp16."""
+"""Training loops (PyTorch): ``LongContextTrainer(model=..., max_length=...).train(train_dataset=...)``,
+``ReversibleAMPTrainer(model, fp16=True, loss_scale='dynamic')`` for loss-scaled fp16, and
+``DistributedReversibleTrainer(model, sharding_strategy='ddp' | 'fsdp', cpu_offload=...)`` over processes."""
 
-from revnet_core.errors import TrainingError
+from revnet_core.errors import DistributedError, TrainingError
+from revnet_torch.distributed_trainer import DistributedReversibleTrainer
 from revnet_torch.trainer import LongContextTrainer, ReversibleAMPTrainer
 
-__all__ = ["LongContextTrainer", "ReversibleAMPTrainer", "TrainingError"]
+__all__ = ["DistributedReversibleTrainer", "DistributedError", "LongContextTrainer", "ReversibleAMPTrainer",
+           "TrainingError"]

@@ -11,6 +11,8 @@ _EXPORTS = {
     "LayerStatic": ".layers",
     "layer_forward": ".layers",
     "layer_inverse": ".layers",
+    "PairCoupling": ".layers",
+    "run_sequence": ".engine",
     "reversible_stack": ".engine",
     "run_layers": ".engine",
     "chunked_lm_loss": ".loss",

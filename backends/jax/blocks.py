@@ -130,14 +130,28 @@ def reference_attention(q, k, v, dropout_rate: float = 0.0, key=None, window: in
     return jnp.einsum("bhts,bshd->bthd", probs, v, precision=precision)
 
 
+def registry_attention(cfg: BlockConfig, dtype) -> str:
+    """The kernel registry's attention record for framework jax on the default device: "xla" (ranked first
+    until the Pallas kernel is measured faster), "pallas" or "reference" (``REVNET_KERNELS=attention=...``
+    forces one)."""
+    from revnet_kernels.registry import select
+
+    meta = {"head_dim": cfg.head_dim, "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_heads, "causal": True,
+            "window": cfg.window, "return_lse": False}
+    return select("attention", jax.devices()[0], jnp.dtype(dtype).name, meta, framework="jax").impl
+
+
 def attention_implementation(cfg: BlockConfig, dtype, training: bool) -> str:
-    """Which kernel attention runs: "cudnn", "xla" or "reference". Fixed at trace time, so the reversible
-    backward's recompute runs the very kernel the forward ran."""
+    """Which kernel attention runs: "cudnn", "xla", "pallas" or "reference". Fixed at trace time, so the
+    reversible backward's recompute runs the very kernel the forward ran."""
     dtype = jnp.dtype(dtype)
     if cfg.attention == "reference" or (training and cfg.attention_dropout > 0):
         return "reference"  # no fused kernel here takes a dropout rate
     if dtype == jnp.float64:
         return "reference"  # dot_product_attention's XLA path rounds float64 scores to float32 for softmax
+    chosen = registry_attention(cfg, dtype)
+    if chosen in ("pallas", "reference"):
+        return chosen
     if (cfg.use_flash_attention and jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
             and cfg.head_dim <= 128 and cfg.head_dim % 8 == 0):
         return "cudnn"
@@ -173,6 +187,10 @@ def attention_block(p, x, key, cfg: BlockConfig):
     impl = attention_implementation(cfg, cd, key is not None)
     if impl == "reference":
         o = reference_attention(q, k, v, cfg.attention_dropout, k_attn, window=cfg.window)
+    elif impl == "pallas":
+        from revnet_kernels.attn_pallas import flash_attention
+
+        o = flash_attention(q, k, v, window=cfg.window, interpret=jax.default_backend() == "cpu")
     else:
         o = fused_attention(q, k, v, impl, cfg.window)
     o = o.reshape(B, T, d)  # (B, T, d)

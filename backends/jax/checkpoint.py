@@ -14,7 +14,8 @@ mid-write leaves the last good checkpoint whole.
 
 A torch trainer's ``checkpoint.pt`` resumes here too (``from_torch``): its weights, AdamW moments and step
 count, sampler state and schedule position map one to one; only its RNG states do not (JAX draws dropout
-masks from its own keys).
+masks from its own keys). The other way, ``to_torch`` turns this file into the state the torch trainer's
+``load_checkpoint`` returns, so ``LongContextTrainer.fit(resume=<a JAX run folder>)`` continues it.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def resolve(path: str | os.PathLike) -> Path:
     which ``load_checkpoint`` converts); CheckpointError when there is none."""
     p = Path(path)
     if p.is_dir():
-        for name in (FILENAME, TORCH_FILENAME):
-            if (p / name).exists():
-                return p / name
+        # the newer of the two: a run resumed across backends writes the other's file beside the first
+        found = [p / name for name in (FILENAME, TORCH_FILENAME) if (p / name).exists()]
+        if found:
+            return max(found, key=lambda f: f.stat().st_mtime_ns)
         hint = ("; it holds checkpoint.npz, the numba trainer's, which the JAX trainer cannot resume"
                 if (p / "checkpoint.npz").exists() else "")
         raise CheckpointError(f"no {FILENAME} (or torch's {TORCH_FILENAME}) in {os.fspath(p)!r}{hint}")
@@ -163,3 +165,75 @@ def check_compatible(state: dict[str, Any], *, config: dict[str, Any], run: dict
         raise CheckpointIncompatibleError(f"checkpoint {where!r} was written by the {state.get('backend')!r} "
                                           f"backend; resume it with --backend {state.get('backend')}")
     check_resumable(state["config"], config, state["run"], run, where)
+
+
+def to_torch(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """This trainer's checkpoint (verified) as the torch trainer's checkpoint state, for its resume.
+
+    What maps one to one: the weights (canonical names are torch's ``state_dict`` names), AdamW's moments
+    and step count (torch's two parameter groups: matrices, decayed, then the rest, in ``state_dict`` order),
+    the step, the sampler state, the run settings. The LR schedule's position is rebuilt from the saved
+    schedule (total steps, warmup) as torch's ``LambdaLR`` leaves it after that many steps. What does not:
+    the RNG (the process's own states are kept: dropout masks come from another generator anyway), and the
+    optimizer's kernel flags (fused on CUDA as the torch trainer sets them; ``memory_efficient_optimizer``
+    runs are not told apart). The torch config's kernel section is the default one (``{"torch": {}}``): a
+    torch run with other torch backend options is refused by name, as for any changed config field.
+    """
+    import torch
+
+    from revnet_core.schedule import cosine_schedule
+    from revnet_torch import checkpoint as torch_ckpt
+
+    sections, state, where = load_checkpoint(path)
+    if state.get("backend") != BACKEND:
+        raise CheckpointIncompatibleError(f"{os.fspath(where)!r} was not written by the JAX trainer")
+    schedule = state.get("schedule") or {}
+    if schedule.get("steps") is None:
+        raise CheckpointIncompatibleError(f"checkpoint {os.fspath(where)!r} predates the saved LR schedule; "
+                                          "resume it with --backend jax")
+    device = torch.device(map_location)
+
+    def tensor(a):
+        return torch.from_numpy(np.array(a, dtype=np.float32)).to(device)
+
+    model = {name: tensor(a) for name, a in sections["model"].items()}
+    # torch numbers AdamW's state by position in its parameter groups, built in named_parameters order: take
+    # that order from the torch model of this config, made on the meta device (no memory, no init).
+    import revnet_core
+
+    with torch.device("meta"):
+        names = [n for n, _ in revnet_core.build("torch", **{k: v for k, v in state["model_config"].items()
+                                                             if k != "backend_options"}).named_parameters()]
+    if sorted(names) != sorted(model):
+        raise CheckpointIncompatibleError(f"checkpoint {os.fspath(where)!r}: its weights are not the torch model's "
+                                          "parameters of its config")
+    decay = [k for k in names if model[k].dim() >= 2]
+    order = decay + [k for k in names if k not in decay]
+    step_count = torch.tensor(float(state["adam_step"]))  # torch keeps AdamW's step as a float32 CPU tensor
+    opt_state = {i: {"step": step_count.clone(), "exp_avg": tensor(sections["optimizer/exp_avg"][name]),
+                     "exp_avg_sq": tensor(sections["optimizer/exp_avg_sq"][name])}
+                 for i, name in enumerate(order)}
+    trainer = state["trainer"]
+    lr, step = float(trainer["lr"]), int(state["step"])
+    now = lr * cosine_schedule(int(schedule["warmup"]), int(schedule["steps"]), float(trainer["min_lr_ratio"]))(step)
+    # Group hyperparameters as torch's AdamW writes them, from an optimizer over stand-in parameters.
+    stand_in = [torch.nn.Parameter(torch.zeros(1, device=device)) for _ in range(2)]
+    flags = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW([{"params": [stand_in[0]], "weight_decay": float(trainer["weight_decay"])},
+                             {"params": [stand_in[1]], "weight_decay": 0.0}], lr=lr,
+                            betas=tuple(trainer["betas"]), **flags)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    groups = []
+    for g, params in zip(opt.state_dict()["param_groups"], (range(len(decay)), range(len(decay), len(order)))):
+        groups.append({**g, "lr": now, "initial_lr": lr, "params": list(params)})
+    # LambdaLR after `step` steps: last_epoch counts them; the lambdas themselves come from the resuming fit.
+    sched.last_epoch, sched._step_count, sched._last_lr = step, step + 1, [now, now]
+    config = {k: v for k, v in state["model_config"].items() if k not in ("backend_options",)}
+    config["backend_options"] = {"torch": {}}
+    from revnet_core.resume import comparable_config
+
+    return {"format": torch_ckpt.FORMAT, "backend": torch_ckpt.BACKEND, "converted_from": BACKEND,
+            "model": model, "optimizer": {"state": opt_state, "param_groups": groups},
+            "scheduler": sched.state_dict(), "rng": torch_ckpt.rng_state(), "data": state["data"], "step": step,
+            "config": comparable_config(config), "model_config": config, "run": state["run"],
+            "trainer": {**trainer, "optimizer": "adamw"}}

@@ -12,6 +12,12 @@ Runs of layers with the same policy become one scan each (a segment):
 * ``checkpoint``: ``jax.checkpoint`` around each layer (the layer's inputs kept, the layer recomputed).
 
 Dropout is driven by explicit keys, one per layer, so the recompute draws exactly the forward's masks.
+
+A layer is either an ordinary one (``LayerStatic``: two blocks and their couplings, parameters stacked on a
+leading axis) or a whole-pair coupling (``PairCoupling``, which owns its functions): its backward rebuilds
+the inputs with the pair's ``inverse`` and re-runs its ``forward`` for the VJP
+(``revnet_core.sweep.pair_backward_step``). ``run_sequence`` stacks both kinds; a reversible segment of it is
+still one ``custom_vjp``, over one scan per run of the same layer object.
 """
 
 from __future__ import annotations
@@ -22,17 +28,20 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from revnet_core.sweep import backward_step, forward_step, half_backward
+from revnet_core import policies as policy_table
+from revnet_core.errors import ConfigError
+from revnet_core.sweep import backward_step, forward_step, half_backward, pair_backward_step
 
 from .blocks import chunk_key, ffn_chunks, ffn_transform
-from .layers import Block, LayerStatic, block_vjp, coupling_autodiff, layer_spec
+from .layers import Block, LayerStatic, PairCoupling, block_vjp, coupling_autodiff, layer_spec
 
 
-def loop(body: Callable, carry, xs, *, reverse: bool = False, use_scan: bool = True):
-    """``lax.scan(body, carry, xs, reverse=reverse)``, or the same as an unrolled Python loop."""
+def loop(body: Callable, carry, xs, *, reverse: bool = False, use_scan: bool = True, length: int | None = None):
+    """``lax.scan(body, carry, xs, reverse=reverse, length=length)``, or the same as an unrolled Python loop.
+    ``length`` is needed only when ``xs`` has no leaves (a parameterless pair coupling without dropout)."""
     if use_scan:
-        return jax.lax.scan(body, carry, xs, reverse=reverse)
-    n = jax.tree.leaves(xs)[0].shape[0]
+        return jax.lax.scan(body, carry, xs, reverse=reverse, length=length)
+    n = length if length is not None else jax.tree.leaves(xs)[0].shape[0]
     ys = [None] * n
     for i in (reversed(range(n)) if reverse else range(n)):
         carry, ys[i] = body(carry, jax.tree.map(lambda a: a[i], xs))
@@ -52,12 +61,47 @@ def segments(policies: Sequence[str]) -> list[tuple[str, int, int]]:
     return out
 
 
-def _forward_scan(static: LayerStatic, use_scan: bool, params, keys, x1, x2, layer_fn=None):
+Layer = LayerStatic | PairCoupling
+
+
+def layer_step(layer: Layer, p, key, x1, x2):
+    """One layer's forward (x1, x2) -> (y1, y2), each (B, T, d); ``p`` its (unstacked) parameters."""
+    if isinstance(layer, PairCoupling):
+        return layer.forward(p, x1, x2, key)
+    return forward_step(x1, x2, layer_spec(layer, p, key))
+
+
+def _pair_vjp(pair: PairCoupling, p, key, x1, x2):
+    """The pair's forward re-run for its VJP: ((y1, y2), pullback((dy1, dy2)) -> (dx1, dx2, dparams))."""
+    out, pull = jax.vjp(lambda a, b, q: pair.forward(q, a, b, key), x1, x2, p)
+
+    def pullback(cts):
+        return pull(tuple(c.astype(o.dtype) for c, o in zip(cts, out)))
+
+    return out, pullback
+
+
+def layer_step_back(layer: Layer, p, key, y1, y2, dy1, dy2):
+    """One layer of the reversible backward: (x1, x2, dx1, dx2, dparams) from the outputs and cotangents."""
+    if isinstance(layer, PairCoupling):
+        return pair_backward_step(y1, y2, dy1, dy2, layer, lambda pair, a, b: pair.inverse(p, a, b, key),
+                                  lambda pair, a, b: _pair_vjp(pair, p, key, a, b))
+    x1, x2, dx1, dx2, dpf, dpg = backward_step(y1, y2, dy1, dy2, layer_spec(layer, p, key), block_vjp,
+                                               coupling_autodiff, g_half=chunked_g_half)
+    return x1, x2, dx1, dx2, {"attn": dpf, "ffn": dpg}
+
+
+def _num(params, keys) -> int:
+    leaves = jax.tree.leaves((params, keys))
+    return leaves[0].shape[0] if leaves else 0
+
+
+def _forward_scan(static: Layer, use_scan: bool, params, keys, x1, x2, layer_fn=None, length=None):
     def step(carry, xs):
         p, k = xs
-        return forward_step(*carry, layer_spec(static, p, k)), None
+        return layer_step(static, p, k, *carry), None
 
-    (y1, y2), _ = loop(layer_fn or step, (x1, x2), (params, keys), use_scan=use_scan)
+    (y1, y2), _ = loop(layer_fn or step, (x1, x2), (params, keys), use_scan=use_scan, length=length)
     return y1, y2
 
 
@@ -93,33 +137,51 @@ def chunked_g_half(block: Block, coupling, u, y, dy, vjp, coupling_autodiff=None
 
 
 @functools.lru_cache(maxsize=None)
-def reversible_stack(static: LayerStatic, use_scan: bool = True) -> Callable:
-    """``run(params, keys, x1, x2) -> (y1, y2)`` for stacked layer params (L, ...), keys (L, ...) or None and
-    streams (B, T, d); its VJP rebuilds every layer's inputs from its outputs instead of storing them."""
+def reversible_groups(layers: tuple, lengths: tuple, use_scan: bool = True) -> Callable:
+    """``run(params, keys, x1, x2) -> (y1, y2)`` over runs of layers: run i is ``lengths[i]`` layers of
+    ``layers[i]`` (a ``LayerStatic`` or a ``PairCoupling``), ``params[i]`` / ``keys[i]`` stacked (n_i, ...)
+    (keys[i] None: no dropout); streams (B, T, d). Its VJP rebuilds every layer's inputs from its outputs:
+    the forward keeps the parameters and the top outputs only, the backward is one reversed scan per run."""
+
+    def forward(params, keys, x1, x2):
+        for layer, n, p, k in zip(layers, lengths, params, keys):
+            x1, x2 = _forward_scan(layer, use_scan, p, k, x1, x2, length=n)
+        return x1, x2
 
     @jax.custom_vjp
     def run(params, keys, x1, x2):
-        return _forward_scan(static, use_scan, params, keys, x1, x2)
+        return forward(params, keys, x1, x2)
 
     def fwd(params, keys, x1, x2):
-        y1, y2 = _forward_scan(static, use_scan, params, keys, x1, x2)
+        y1, y2 = forward(params, keys, x1, x2)
         return (y1, y2), (params, keys, y1, y2)  # params and outputs only: nothing per layer
 
     def bwd(res, cts):
         params, keys, y1, y2 = res
-        dy1, dy2 = cts
+        carry = (y1, y2, *cts)
+        dparams = [None] * len(layers)
+        for i in reversed(range(len(layers))):
+            def step(carry, xs, layer=layers[i]):
+                p, k = xs
+                x1, x2, dx1, dx2, dp = layer_step_back(layer, p, k, *carry)
+                return (x1, x2, dx1.astype(y1.dtype), dx2.astype(y2.dtype)), dp
 
-        def step(carry, xs):
-            p, k = xs
-            x1, x2, dx1, dx2, dpf, dpg = backward_step(*carry, layer_spec(static, p, k), block_vjp,
-                                                       coupling_autodiff, g_half=chunked_g_half)
-            return (x1, x2, dx1.astype(y1.dtype), dx2.astype(y2.dtype)), {"attn": dpf, "ffn": dpg}
-
-        (_, _, dx1, dx2), dparams = loop(step, (y1, y2, dy1, dy2), (params, keys), reverse=True,
-                                         use_scan=use_scan)
-        return dparams, None, dx1, dx2
+            carry, dparams[i] = loop(step, carry, (params[i], keys[i]), reverse=True, use_scan=use_scan,
+                                     length=lengths[i])
+        return tuple(dparams), None, carry[2], carry[3]
 
     run.defvjp(fwd, bwd)
+    return run
+
+
+def reversible_stack(static: LayerStatic, use_scan: bool = True) -> Callable:
+    """``run(params, keys, x1, x2) -> (y1, y2)`` for stacked layer params (L, ...), keys (L, ...) or None and
+    streams (B, T, d); its VJP rebuilds every layer's inputs from its outputs instead of storing them."""
+
+    def run(params, keys, x1, x2):
+        n = _num(params, keys)
+        return reversible_groups((static,), (n,), use_scan)((params,), (keys,), x1, x2)
+
     return run
 
 
@@ -163,10 +225,10 @@ def offloaded_stack(static: LayerStatic, use_scan: bool = True) -> Callable:
     return run
 
 
-def _checkpoint_step(static: LayerStatic, use_scan: bool, remat_policy=None):
+def _checkpoint_step(static: Layer, use_scan: bool, remat_policy=None):
     def layer(carry, xs):
         p, k = xs
-        return forward_step(*carry, layer_spec(static, p, k)), None
+        return layer_step(static, p, k, *carry), None
 
     # Inside a scan the loop boundary already stops XLA from merging forward and recompute.
     return jax.checkpoint(layer, policy=remat_policy, prevent_cse=not use_scan)
@@ -202,4 +264,57 @@ def run_layers(static: LayerStatic, policies: Sequence[str], params, keys, x1, x
             x1, x2 = _forward_scan(static, use_scan, p, k, x1, x2)
         else:
             raise ValueError(f"unknown policy {policy!r}")
+    return x1, x2
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _runs(layers: Sequence[Layer], start: int, stop: int) -> list[tuple[int, int]]:
+    """Maximal runs of the very same layer object within [start, stop): [(start, stop), ...]."""
+    out: list[tuple[int, int]] = []
+    for i in range(start, stop):
+        if out and layers[out[-1][0]] is layers[i]:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def run_sequence(layers: Sequence[Layer], policies: str | Sequence[str], params: Sequence[Any], x1, x2, *,
+                 keys: Sequence[Any] | None = None, use_scan: bool = True, remat_policy: Any = None):
+    """Run a stack mixing ordinary layers and whole-pair couplings: (x1, x2) -> (y1, y2), each (B, T, d).
+
+    ``layers``: ``LayerStatic`` (e.g. ``model.static``) or ``PairCoupling`` instances, one per layer;
+    ``params``: one (unstacked) parameter pytree per layer; ``policies``: a name or one per layer, among
+    ``store``, ``checkpoint``, ``reverse``; ``keys``: one PRNG key per layer (dropout), or None. Runs of the
+    very same layer object are stacked and scanned; a segment of ``reverse`` layers is one ``custom_vjp``
+    that keeps only the segment's parameters and top outputs (the stacked copy of the parameters is the
+    price of the mix; the model's own stack, ``run_layers``, has its parameters stacked already).
+    """
+    L = len(layers)
+    policies = policy_table.check_all(policies, L)
+    if len(params) != L:
+        raise ConfigError(f"run_sequence takes one parameter pytree per layer: {L} layers, {len(params)} given")
+    if keys is not None and len(keys) != L:
+        raise ConfigError(f"run_sequence takes one key per layer or None: {L} layers, {len(keys)} keys")
+    for i, (layer, policy) in enumerate(zip(layers, policies)):
+        if not isinstance(layer, (LayerStatic, PairCoupling)):
+            raise ConfigError(f"layer {i}: {type(layer).__name__} is neither a LayerStatic nor a PairCoupling")
+        if policy not in policy_table.WHOLE_LAYER:
+            raise ConfigError(f"layer {i}: policy={policy!r} is not built in the JAX backend yet; JAX takes "
+                              f"{list(policy_table.WHOLE_LAYER)}")
+    for policy, start, stop in segments(policies):
+        runs = _runs(layers, start, stop)
+        group_layers = tuple(layers[a] for a, _ in runs)
+        lengths = tuple(b - a for a, b in runs)
+        ps = tuple(_stack(params[a:b]) for a, b in runs)
+        ks = tuple(None if keys is None else jnp.stack(keys[a:b]) for a, b in runs)
+        if policy == "reverse":
+            x1, x2 = reversible_groups(group_layers, lengths, use_scan)(ps, ks, x1, x2)
+            continue
+        for layer, n, p, k in zip(group_layers, lengths, ps, ks):
+            fn = _checkpoint_step(layer, use_scan, remat_policy) if policy == "checkpoint" else None
+            x1, x2 = _forward_scan(layer, use_scan, p, k, x1, x2, layer_fn=fn, length=n)
     return x1, x2

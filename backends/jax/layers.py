@@ -50,12 +50,38 @@ class LayerStatic:
 
     def with_coupling(self, coupling: BaseCoupling, d_model: int) -> "LayerStatic":
         """The same layer with ``coupling`` (an instance) for both halves; its block width must not change."""
+        if isinstance(coupling, PairCoupling):
+            raise ConfigError(f"{type(coupling).__name__} is a whole-pair coupling: it replaces a layer rather than "
+                              "combining a block's output, so stack it with the model's layers through "
+                              "revnet_jax.run_sequence (docs/jax.md)")
         if not isinstance(coupling, BaseCoupling):
             raise ConfigError(f"coupling must be a BaseCoupling instance, got {type(coupling).__name__}")
         if coupling.fx_features(d_model) != self.block.out_features:
             raise ConfigError(f"{coupling!r} takes block outputs of width {coupling.fx_features(d_model)}; the "
                               f"parameters produce {self.block.out_features}")
         return LayerStatic(self.block, coupling, coupling)
+
+
+class PairCoupling:
+    """A whole-pair invertible layer that owns its functions (torch's ``PairCoupling``, the README's
+    ``BaseCoupling``), as pure functions of its own parameters.
+
+    Subclass it with ``init(key, d_model, dtype) -> params`` (a pytree, default none),
+    ``forward(params, x1, x2, key) -> (y1, y2)`` and ``inverse(params, y1, y2, key) -> (x1, x2)``, streams
+    (B, T, d) each; ``key`` is the layer's PRNG key (None without dropout), the same in the forward and in
+    the backward's recompute. The engine rebuilds the inputs with ``inverse`` and re-runs ``forward`` for the
+    gradients, so it can hold any parameters and any functions. Stack it with ordinary layers through
+    ``revnet_jax.engine.run_sequence``. Instances are compared by identity (jitted code is cached on them).
+    """
+
+    def init(self, key, d_model: int, dtype=jnp.float32):
+        return {}
+
+    def forward(self, params, x1, x2, key=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, params, y1, y2, key=None):  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from revnet_core import policies as policy_table
-from revnet_core.config import ModelConfig, model_fields
+from revnet_core.config import ModelConfig, model_fields, require_softmax
 from revnet_core.errors import ConfigError, InputError
 from revnet_core.inputs import check_id_range, check_length, check_loss_length
 
@@ -72,6 +72,7 @@ class ReversibleTransformerJAX:
     def __init__(self, config: ModelConfig | None = None, *, use_scan: bool = True, compute_dtype: Any = None,
                  param_dtype: Any = "float32", seed: int = 0, params: Any = None, **fields):
         config = model_fields(config, fields, "jax", JAXOptions)
+        require_softmax(config, "jax")
         # attn_head_chunk needs nothing here: XLA schedules the heads itself (the function is the same).
         self.config = config
         self.use_scan = bool(use_scan)

@@ -247,6 +247,7 @@ class JAXTrainer:
             raise InputError(f"seq_len={data.seq_len} exceeds max_length={self.max_length}")
         self._stop, self.step, self.history = False, 0, []
         self._warmup = warmup_steps(steps, self.warmup_steps)
+        self._total = steps  # the schedule's length, saved so another backend can resume at its position
         factor = cosine_schedule(self._warmup, steps, self.min_lr_ratio)
         with jax.default_device(self.device):
             # Committed to the device, as the step's outputs are: the step then compiles once, not twice.
@@ -334,7 +335,9 @@ class JAXTrainer:
                  "model_class": type(self.model).__name__, "config": self._comparable_config(),
                  "model_config": self.config.to_dict(), "run": run_settings or self._run_settings(data),
                  "trainer": self.hyperparameters(), "data": data.sampler.state_dict(),
-                 "rng": {"jax_seed": self.seed}}  # the dropout keys' root: a resume draws the same masks
+                 "rng": {"jax_seed": self.seed},  # the dropout keys' root: a resume draws the same masks
+                 # the schedule's length and warmup: torch's LambdaLR resumes at its position (checkpoint.to_torch)
+                 "schedule": {"steps": getattr(self, "_total", None), "warmup": getattr(self, "_warmup", None)}}
         return ckpt.save_checkpoint(self.out_dir / ckpt.FILENAME, sections, state)
 
     def hyperparameters(self) -> dict[str, Any]:

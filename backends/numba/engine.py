@@ -27,7 +27,8 @@ from .layers import Layers, coupling_autodiff
 
 # What this engine builds: layers that keep everything, and layers rebuilt by inversion; none that recompute
 # from kept inputs (checkpoint, the block-level recomputes). Read from the core's table, not listed here.
-SUPPORTED = tuple(p.name for p in policy_table.TABLE if p.recomputes == "" or p.needs_inverse)
+SUPPORTED = tuple(p.name for p in policy_table.TABLE
+                  if (p.recomputes == "" or p.needs_inverse) and not p.keeps_attention)  # keeping: torch's
 
 
 def check_policies(policies, num_layers: int) -> tuple[str, ...]:

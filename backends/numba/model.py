@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from revnet_core.config import ModelConfig, model_fields
+from revnet_core.config import ModelConfig, model_fields, require_softmax
 from revnet_core.errors import ConfigError, InputError, ReversibilityError
 from revnet_core.inputs import check_id_range, check_labels_shape, check_length, check_loss_length
 
@@ -53,6 +53,7 @@ class ReversibleTransformerNumba:
 
     def __init__(self, config: ModelConfig | None = None, *, param_dtype="float32", seed: int = 0, **fields):
         config = model_fields(config, fields, "numba", NumbaOptions)
+        require_softmax(config, "numba")
         for name, value, why in (("dropout", config.dropout, "dropout"),
                                  ("attention_dropout", config.attention_dropout, "dropout"),
                                  ("attention_window", config.attention_window, "sliding-window attention")):

@@ -2,8 +2,10 @@
 
 Built-in baselines are named specs a fresh process can rebuild: ``plain`` (PyTorch, everything stored),
 ``checkpoint`` (``torch.utils.checkpoint`` per layer), ``offload`` (checkpoint + layer inputs in pinned host
-memory) and ``reversible`` (our stack). All four get the same weights (one seeded state dict, mapped onto each
-layout) and the same attention kernel and loss head. On a GPU each spec cell runs in its own subprocess: an
+memory), ``reversible`` (our stack) and ``reversible_rf`` (our stack with Rational-Fourier attention:
+``attention_kind="rf"``, windowed when the config sets ``attention_window``). All get the same weights (one
+seeded state dict, mapped onto each layout; RF attention's random features are its own) and the same loss
+head, and all but ``reversible_rf`` the same attention kernel. On a GPU each spec cell runs in its own subprocess: an
 out-of-memory fragments the allocator for whatever runs after it in the same process, so it becomes a row
 ``{"oom": true}`` instead. On the CPU (no allocator to fragment; memory is counted as tensor bytes) spec
 cells run in this process unless a ``timeout`` asks for a child it can stop: starting a child costs seconds
@@ -87,8 +89,11 @@ def _as_spec(value: Any, config: Mapping[str, Any], seed: int) -> ModelSpec | No
 
 
 def _canonical_name(name: str) -> str:
-    # The reversible layers wrap the same attention/FFN blocks one level deeper (attn.block.qkv vs attn.qkv).
-    return name.replace(".attn.block.", ".attn.").replace(".ffn.block.", ".ffn.")
+    # The reversible layers wrap the same attention/FFN blocks one level deeper (attn.block.qkv vs attn.qkv),
+    # RF attention's qkv and proj one more (attn.block.attn.qkv).
+    for deep, canonical in ((".attn.block.attn.", ".attn."), (".attn.block.", ".attn."), (".ffn.block.", ".ffn.")):
+        name = name.replace(deep, canonical)
+    return name
 
 
 def build_model(spec: ModelSpec, max_seq_len: int) -> nn.Module:
@@ -102,7 +107,12 @@ def build_model(spec: ModelSpec, max_seq_len: int) -> nn.Module:
     # The plain model's state dict is the reference every kind loads, so "same weights" does not depend on
     # the constructors drawing random numbers in the same order.
     reference = PlainGPT(cfg, memory="store").state_dict()
-    if spec.kind == "reversible":
+    if spec.kind == "reversible_rf":
+        cfg = cfg if cfg.attention_kind == "rf" else cfg.replace(attention_kind="rf")
+    elif spec.kind != "reversible" and cfg.attention_kind != "softmax":
+        raise ConfigError(f"attention_kind={cfg.attention_kind!r} for the {spec.kind!r} baseline: the PyTorch "
+                          "baselines run softmax attention; RF attention is the 'reversible_rf' model")
+    if spec.kind in ("reversible", "reversible_rf"):
         model = revnet_core.build("torch", config=cfg)
     else:
         model = PlainGPT(cfg, memory=_PLAIN_MEMORY[spec.kind])

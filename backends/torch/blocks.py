@@ -16,6 +16,8 @@ from revnet_core.errors import ConfigError, InputError
 from revnet_kernels.activations import activation
 from revnet_kernels.norms import layer_norm, rms_norm
 
+from . import kept_attention
+
 # Pinned in both passes so the recompute runs the very kernel the forward ran (bit-identical outputs).
 FUSED_SDPA = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MATH_SDPA = [SDPBackend.MATH]
@@ -205,13 +207,46 @@ class AttentionBlock(nn.Module):
             h = h.to(torch.get_autocast_dtype(x.device.type))
         return h
 
-    def attend_heads(self, h: torch.Tensor, heads: slice, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of the heads in ``heads`` over normed input h (B, T, d) -> (B, n, T, hd)."""
+    def head_qkv(self, h: torch.Tensor, heads: slice):
+        """rope(q), rope(k), v of the heads in ``heads`` over normed input h (B, T, d), each (B, n, T, hd)."""
         d = h.shape[-1]
         w = self.qkv.weight.view(3, self.num_heads, -1, d)[:, heads].reshape(-1, d)
-        n = heads.stop - heads.start
-        q, k, v = self._heads(F.linear(h, w), n)
-        return self._core(q, k, v, key_mask)
+        return self._heads(F.linear(h, w), heads.stop - heads.start)
+
+    def attend_heads(self, h: torch.Tensor, heads: slice, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the heads in ``heads`` over normed input h (B, T, d) -> (B, n, T, hd)."""
+        return self._core(*self.head_qkv(h, heads), key_mask)
+
+    def keep_refusal(self) -> str | None:
+        """Why this block cannot keep its attention for the backward (policy ``reverse_keep_attention``),
+        or None: it needs the fused softmax kernels without a window or dropout."""
+        if self.window is not None:
+            return f"a sliding window ({self.window}) runs its own kernel"
+        if self.attention != "sdpa" or self.sdpa_backends is MATH_SDPA:
+            return f"attention={self.attention!r} / use_flash_attention=False runs no fused kernel"
+        if self.attention_dropout > 0 and self.training:
+            return "attention dropout draws random numbers"
+        return None
+
+    def forward_keeping(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """(F(x), kept): F(x) (B, T, out_features) over the head chunks, each chunk's attention run by
+        ``kept_attention.forward``; kept: one (o (B, n, T, hd), kept_attention.Kept) per chunk, what
+        ``additive_vjp(..., kept=kept)`` differentiates the attention from without running it again."""
+        reason = self.keep_refusal()
+        if reason is not None:
+            raise ConfigError(f"policy 'reverse_keep_attention': {reason}; use 'reverse'")
+        B, T, d = x.shape
+        h = self.normed(x)
+        o, kept = None, []
+        for heads in self.head_chunks(B, T):
+            q, k, v = self.head_qkv(h, heads)
+            o_c, state = kept_attention.forward(q, k, v, self.causal)
+            del q, k, v
+            kept.append((o_c, state))
+            if o is None:
+                o = o_c.new_empty(B, T, self.num_heads, o_c.shape[-1])
+            o[:, :, heads] = o_c.transpose(1, 2)
+        return self.drop(self.proj(o.view(B, T, d))), kept
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, d = x.shape
@@ -232,7 +267,7 @@ class AttentionBlock(nn.Module):
         return self.drop(self.proj(o.view(B, T, d)))
 
     def additive_vjp(self, x: torch.Tensor, dy: torch.Tensor, params: list, settle,
-                     key_mask: torch.Tensor | None = None):
+                     key_mask: torch.Tensor | None = None, kept: list | None = None):
         """Pullback of ``self`` at x for an additive coupling, with head chunks: (dx, dparams in ``params``'
         order); ``settle(self(x))`` is called once the output is complete (``revnet_core.sweep``'s
         ``additive_vjp``: it rebuilds the other stream, in place in the engine).
@@ -241,6 +276,10 @@ class AttentionBlock(nn.Module):
         ``dy @ W_proj`` does not depend on F(x), because the coupling is additive. Only the normed input,
         the attention output and its cotangent (each (B, T, d) in the compute dtype) outlive a chunk.
         Requires a block that draws no random numbers (the caller checks).
+
+        ``kept`` (``forward_keeping``'s list, consumed chunk by chunk): the attention is not run again; its
+        backward kernel takes the kept output and log-sum-exp, and only q, k, v are rebuilt (with their graph,
+        for the projection's and the norm's gradients).
         """
         B, T, d = x.shape
         grads: dict[torch.Tensor, torch.Tensor] = {}
@@ -256,13 +295,25 @@ class AttentionBlock(nn.Module):
         w_qkv, w_proj = self.qkv.weight, self.proj.weight
         do = torch.matmul(dy, w_proj).view(B, T, self.num_heads, -1)  # the cotangent of proj's input
         o, dh = None, None
-        for heads in self.head_chunks(B, T):
+        chunks = self.head_chunks(B, T)
+        if kept is not None and len(kept) != len(chunks):
+            raise RuntimeError(f"kept attention of {len(kept)} head chunks for {len(chunks)}: the sequence changed")
+        for heads in chunks:
             wanted = [h_leaf] + ([w_qkv] if w_qkv.requires_grad else [])
-            with torch.enable_grad():
-                o_c = self.attend_heads(h_leaf, heads, key_mask)
-            # The cotangent laid out like the output: fused kernels' backwards expect matching strides.
-            do_c = torch.empty_like(o_c).copy_(do[:, :, heads].transpose(1, 2))
-            got = torch.autograd.grad(o_c, wanted, do_c)
+            if kept is None:
+                with torch.enable_grad():
+                    o_c = self.attend_heads(h_leaf, heads, key_mask)
+                # The cotangent laid out like the output: fused kernels' backwards expect matching strides.
+                do_c = torch.empty_like(o_c).copy_(do[:, :, heads].transpose(1, 2))
+                got = torch.autograd.grad(o_c, wanted, do_c)
+            else:
+                o_c, state = kept.pop(0)  # the kept output goes once its chunk is done
+                with torch.enable_grad():
+                    qkv = self.head_qkv(h_leaf, heads)
+                do_c = torch.empty_like(o_c).copy_(do[:, :, heads].transpose(1, 2))
+                dqkv = kept_attention.backward(do_c, *(t.detach() for t in qkv), o_c, state, self.causal)
+                got = torch.autograd.grad(qkv, wanted, dqkv)
+                del qkv, dqkv, state
             dh = got[0] if dh is None else dh.add_(got[0])
             if len(got) > 1:
                 add(w_qkv, got[1])

@@ -220,7 +220,11 @@ def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint file from a file path or a run folder (``DIR/checkpoint.pt``)."""
     p = Path(path)
     if p.is_dir():
-        p = p / FILENAME
+        # The JAX trainer's file (load_checkpoint converts it) when it is the folder's newer checkpoint: a run
+        # resumed across backends writes the other's file beside the first.
+        jax_file, own = p / "checkpoint.safetensors", p / FILENAME
+        newer = jax_file.exists() and (not own.exists() or jax_file.stat().st_mtime_ns > own.stat().st_mtime_ns)
+        p = jax_file if newer else own
     if not p.exists():
         raise CheckpointError(f"no checkpoint at {os.fspath(p)!r}")
     return p
@@ -230,6 +234,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read and verify a checkpoint. Raises CheckpointTruncatedError, CheckpointCorruptError (naming the part
     that fails its checksum), CheckpointUnsafeError (pickled code) or CheckpointIncompatibleError."""
     p = resolve(path)
+    if p.suffix == ".safetensors":  # a JAX trainer's checkpoint, verified and converted by its own backend
+        from revnet_jax.checkpoint import to_torch
+
+        return to_torch(p, map_location)
     where = os.fspath(p)
     stated, actual = _file_digest(p)
     try:

@@ -192,6 +192,7 @@ class _Step:
         self.cm, self.z, self.t = cm, cm.sizes, tape
         self.cache: list[str] = []  # autocast's weight copies, cleared when its context exits
         self.rope_saved = False
+        self.kept: dict[int, list[tuple[str, str]]] = {}  # reverse_keep_attention: each layer's kept (o, lse)
 
     # --- autocast -------------------------------------------------------------------------------------
     def weight(self, name: str, numel: int, keep: bool) -> str | None:
@@ -436,6 +437,15 @@ class _Step:
         (``reshape`` of a strided slice: a copy in the parameter dtype, a local of the call; under autocast
         F.linear casts it again, uncached since it is no leaf), the projection (B, T, 3*heads*hd), rope(q),
         rope(k), contiguous v and the kernel. Returns the chunk's (B, heads, T, hd) output."""
+        w, q, k, v = self.head_qkv(pre, h, heads, keep, cat)
+        o = self.attention_core(pre + "att.", q, k, v, keep, cat, heads)
+        t = self.t
+        t.free(w, q, k, v)  # attend_heads returns: its locals go in order
+        return o
+
+    def head_qkv(self, pre: str, h: str, heads: int, keep: bool, cat: str) -> tuple[str, str, str, str]:
+        """AttentionBlock.head_qkv: the weight rows (a local, returned so the caller frees it), then rope(q),
+        rope(k) and v of ``heads`` heads of h, each (B, heads, T, hd), alive."""
         z, t = self.z, self.t
         a = self.head_elems(heads)
         wq = 3 * heads * z.hd * z.d
@@ -451,9 +461,53 @@ class _Step:
         k = self.rope(pre + "ropek.", cat, keep, heads)
         v = t.alloc(pre + "v", a * z.c, cat)
         t.free(qkv)  # _heads returns: the projection has no views left
-        o = self.attention_core(pre + "att.", q, k, v, keep, cat, heads)
-        t.free(w, q, k, v)  # attend_heads returns: its locals go in order
-        return o
+        return w, q, k, v
+
+    def attn_forward_kept(self, pre: str, x: str, cat: str, layer: int) -> str:
+        """AttentionBlock.forward_keeping (policy reverse_keep_attention): h = normed(x); per chunk head_qkv,
+        the kernel, whose output and log-sum-exp stay alive (``self.kept[layer]``) for the backward, and a copy
+        of the output into the (B, T, H, hd) buffer made at the first chunk; proj over the buffer."""
+        z, t = self.z, self.t
+        h = self.normed(pre, x, False, cat)
+        o, kept = None, []
+        for k, heads in enumerate(z.head_counts()):
+            c = f"{pre}h{k}."
+            w, q, kk, v = self.head_qkv(c, h, heads, False, cat)
+            oc = t.alloc(c + "kept.o", self.head_elems(heads) * z.c, cat)
+            lse = t.alloc(c + "kept.lse", z.N * heads * z.st, cat)
+            t.free(w, q, kk, v)  # del q, k, v (the weight rows went with head_qkv)
+            kept.append((oc, lse))
+            if o is None:
+                o = t.alloc(pre + "obuf", z.A * z.c, cat)
+        fx = self.linear(pre + "proj.", o, False, z.A, z.d * z.fx, z.N * z.fx, False, cat, f"W{layer}.proj")
+        t.free(o, h)  # locals, released when forward_keeping returns
+        self.kept[layer] = kept
+        return fx
+
+    def kept_heads_backward(self, c: str, h: str, heads: int, cat: str, lse: str) -> tuple[str, str]:
+        """One head chunk of additive_vjp(kept=...): q, k, v rebuilt with their graph (their tuple keeps them
+        to the chunk's end), the kernel's backward from the kept output and log-sum-exp (dq, dk, dv, in a
+        tuple likewise), then autograd from them to the projection's input. Returns (dh, the cotangent do_c)."""
+        z, t = self.z, self.t
+        A = self.head_elems(heads)
+        w, q, k, v = self.head_qkv(c, h, heads, True, cat)
+        t.free(w)  # head_qkv returns (the saved copy stays with the graph)
+        do_c = t.alloc(c + "do", A * z.c, cat)
+        dq, dk, dv = (t.alloc(c + n, A * z.c, cat) for n in ("dq", "dk", "dv"))
+        acc = t.alloc(c + "dq_acc", A * 4, cat)  # the kernels accumulate dq in fp32
+        red = t.alloc(c + "red", (A * z.c if z.c != 4 else 0) if z.device == "cpu" else z.N * heads * 4, cat)
+        t.free(acc, red)
+        t.hold(dq)  # the tuple, and autograd's grad_outputs
+        t.hold(dk)
+        rq = self.rope_backward(c + "bq.", dq, cat, heads)
+        rk = self.rope_backward(c + "bk.", dk, cat, heads)
+        st = t.alloc(c + "dqkv_stack", 3 * A * z.c, cat)  # UnbindBackward: stack(dq, dk, dv)
+        t.free(rq, rk)
+        dqkv = t.alloc(c + "dqkv", 3 * A * z.c, cat)  # the view of a permuted tensor: a copy
+        t.free(st)
+        dh = self.head_linear_backward(c, dqkv, h, heads, cat)
+        t.free(q, k, v, dq, dk, dv, lse)  # del qkv, dqkv, state
+        return dh, do_c
 
     def attn_forward_chunked(self, pre: str, x: str, keep: bool, cat: str, layer: int) -> str:
         """AttentionBlock.forward over more than one head chunk: h = normed(x) once; per chunk attend_heads
@@ -777,7 +831,7 @@ class _Step:
         t.free(gw)
         return full
 
-    def attn_half_backward_chunked(self, pre: str, layer: int, x: str) -> str:
+    def attn_half_backward_chunked(self, pre: str, layer: int, x: str, kept: list | None = None) -> str:
         """AttentionBlock.additive_vjp (the engine's F half for an additive coupling, no random
         draws, more than one head chunk), under the replayed autocast: the norm with its graph, do = dy @
         W_proj, then per chunk attend_heads with its graph and at once its backward (autograd.grad, the
@@ -785,7 +839,9 @@ class _Step:
         the first's in place, of the weight likewise (the first becomes the gradient); the (B, T, H, hd)
         buffer of the outputs, made after the first chunk's backward; proj over it with its graph for its
         weight's gradient; y -= fx in place; the norm's backward from dh. x: the block's input (the rebuilt
-        x2). Returns dx (the stream dtype)."""
+        x2). ``kept`` (reverse_keep_attention: the forward's (o, lse) per chunk): no kernel forward; each
+        chunk's rebuilt q, k, v and the kernel's backward from the kept pair (``kept_heads_backward``), the
+        kept output freed at the chunk's end. Returns dx (the stream dtype)."""
         z, t = self.z, self.t
         A, cat = z.A, "recompute"
         h = self.normed(pre, x, True, cat)
@@ -797,11 +853,15 @@ class _Step:
         o = dh = None
         for k, heads in enumerate(z.head_counts()):
             c = f"{pre}h{k}."
-            oc = self.attend_heads(c, h, heads, True, cat)
-            do_c = t.alloc(c + "do", self.head_elems(heads) * z.c, cat)
-            t.hold(do_c)  # and the backward's argument
-            dqkv = self.heads_backward(c, do_c, cat, heads)
-            dhk = self.head_linear_backward(c, dqkv, h, heads, cat)
+            if kept is None:
+                oc = self.attend_heads(c, h, heads, True, cat)
+                do_c = t.alloc(c + "do", self.head_elems(heads) * z.c, cat)
+                t.hold(do_c)  # and the backward's argument
+                dqkv = self.heads_backward(c, do_c, cat, heads)
+                dhk = self.head_linear_backward(c, dqkv, h, heads, cat)
+            else:
+                oc, lse = kept[k]
+                dhk, do_c = self.kept_heads_backward(c, h, heads, cat, lse)
             gw = self.head_weight_backward(c, heads, layer, cat, "gradients" if k == 0 else cat)
             if dh is None:
                 dh = dhk
@@ -1017,9 +1077,10 @@ class _Step:
             du = du_full
         t.free(du)  # dz1 = dy1 += du, in place
         f = pre + "F."
-        if self.head_chunked_half():
+        kept = self.kept.pop(i, None)
+        if kept is not None or self.head_chunked_half():
             # y1 -= F(y2) and dz1 = dy1 stays (additive); dx2 += dx2_from_f, in place
-            t.free(self.attn_half_backward_chunked(f, i, y2))
+            t.free(self.attn_half_backward_chunked(f, i, y2, kept))
             if new_dy2:
                 t.free(dy2)
                 dy2 = new_dy2
@@ -1056,7 +1117,10 @@ class _Step:
             if policy == "checkpoint":  # torch.utils.checkpoint saves the layer's inputs, drops the rest
                 t.hold(x1, saved=True)
                 t.hold(x2, saved=True)
-            fx = self.attn_forward(pre + "F.", x2, False, "activations", i)
+            if policy in policy_table.KEEPING_ATTENTION:
+                fx = self.attn_forward_kept(pre + "F.", x2, "activations", i)
+            else:
+                fx = self.attn_forward(pre + "F.", x2, False, "activations", i)
             y1 = self.couple(pre + "cf.", x1, fx, False, "activations", N)
             gy = self.ffn_forward(pre + "G.", y1, False, "activations", i)
             return y1, self.couple(pre + "cg.", x2, gy, False, "activations", N)
@@ -1114,6 +1178,18 @@ class LayerCost:
     time: float
 
 
+def check_priced(config: ModelConfig) -> None:
+    """BackendFeatureError for a config whose step this replay does not mirror: Rational-Fourier attention
+    (``attention_kind="rf"``) keeps per-chunk feature sums, not softmax's tensors, and is not replayed yet, so
+    a price would be softmax's, i.e. wrong."""
+    if getattr(config, "attention_kind", "softmax") != "softmax":
+        from revnet_core.errors import BackendFeatureError
+
+        raise BackendFeatureError(
+            f"attention_kind={config.attention_kind!r}: the torch cost model replays softmax attention only; "
+            "Rational-Fourier attention's memory is not priced yet (measure it: revnet_torch.bench.BenchmarkSuite)")
+
+
 class CostModel:
     """Predicted bytes and compute of one training step of ``config`` under ``workload``.
 
@@ -1124,6 +1200,7 @@ class CostModel:
     """
 
     def __init__(self, config: ModelConfig, workload: Workload | None = None, **workload_fields):
+        check_priced(config)
         self.config = config
         base = workload if workload is not None else Workload()
         self.workload = replace(base, **workload_fields) if workload_fields else base
@@ -1172,6 +1249,27 @@ class CostModel:
     def static_bytes(self) -> int:
         """Parameters, gradients and optimizer state: alive at the end of every backward."""
         return self.parameter_bytes() + self.gradient_bytes() + self.optimizer_bytes()
+
+    def optimizer_peak_bytes(self, policies: Sequence[str] | str, option: str = "adamw", block_size: int = 256) -> int:
+        """Peak bytes of a step under an optimizer option (8-bit moments, the step inside the backward, bf16
+        weights: ``revnet_torch.optim_cost.OPTIMIZER_OPTIONS``); "adamw" is ``peak_bytes``."""
+        from .optim_cost import optimizer_peak_bytes  # priced on this replay's tape
+
+        return optimizer_peak_bytes(self, policies, option, block_size)
+
+    def choose_optimizer(self, policies: Sequence[str], budget: int, accumulating: bool = False):
+        """(option, {option: peak}): the preferred optimizer option with room in ``budget``
+        (``revnet_torch.optim_cost.LADDER``), and how to run it: ``optim_cost.HOW[option]``."""
+        from .optim_cost import HOW, choose_optimizer
+
+        name, peaks = choose_optimizer(self, policies, budget, accumulating)
+        return name, peaks, HOW[name]
+
+    def with_optimizer(self, option: str):
+        """This cost model with its peaks priced under an optimizer option (the planner's view)."""
+        from .optim_cost import WithOptimizer
+
+        return self if option == "adamw" else WithOptimizer(self, option)
 
     def stream_bytes(self) -> int:
         """One stream tensor (B, T, d) in the stream dtype; the two streams and their cotangents are four."""
@@ -1240,7 +1338,7 @@ class CostModel:
         for i, policy in enumerate(policies):
             t.set_label(f"forward layer {i}")
             y1, y2 = st.layer_forward(i, policy, x1, x2)
-            if policy == "reverse":  # the segment keeps its top outputs
+            if policy in policy_table.REVERSING:  # the segment keeps its top outputs
                 t.hold(y1)
                 t.hold(y2)
                 if seg_top is not None:
@@ -1307,12 +1405,12 @@ class CostModel:
             policy = policies[i]
             t.set_label(f"backward layer {i}")
             (x1, x2), (y1, y2) = ins[i], outs[i]
-            if policy == "reverse":
+            if policy in policy_table.REVERSING:
                 # hidden() passes private_outputs=True: the last segment owns its top outputs and their
                 # cotangents; a segment under a stored layer owns neither (the engine copies them).
-                owned = above in ("reverse", None)
+                owned = above in policy_table.REVERSING or above is None
                 r1, r2, dy1, dy2 = st.reverse_backward(i, y1, y2, dy1, dy2, owned_y=owned, owned_dy=owned)
-                if i > 0 and policies[i - 1] == "reverse":
+                if i > 0 and policies[i - 1] in policy_table.REVERSING:
                     outs[i - 1] = (r1, r2)  # the segment hands the rebuilt inputs down
                 else:
                     t.free(r1, r2)
@@ -1464,11 +1562,14 @@ class CostModel:
 
     def layer_time(self, policy: str) -> float:
         """FLOPs of one layer's forward + backward under ``policy``: backward is 2x the matmuls and 2.5x the
-        fused attention core; recomputing a block adds its forward once more."""
+        fused attention core; recomputing a block adds its forward once more (reverse_keep_attention: all
+        but the attention core, whose backward starts from the kept output)."""
         f = self.block_flops()
         attn = f["attention_matmuls"] + f["attention_core"]
         base = 3 * (f["attention_matmuls"] + f["ffn"]) + 3.5 * f["attention_core"]
         again = {"": 0.0, "layer": attn + f["ffn"], "attention": attn, "ffn": f["ffn"]}
+        if policy_table.BY_NAME[policy].keeps_attention:  # the kernel's forward is not run again
+            return base + f["attention_matmuls"] + f["ffn"]
         return base + again[policy_table.BY_NAME[policy].recomputes]
 
     def head_time(self) -> float:

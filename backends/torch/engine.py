@@ -24,6 +24,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -34,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from revnet_core import policies as policies_table
 from revnet_core.couplings import BaseCoupling
-from revnet_core.errors import ConfigError, ReversibilityError
+from revnet_core.errors import ConfigError, DistributedError, ReversibilityError
 from revnet_core.sweep import (LayerSpec, backward_step, forward_step, half_backward, has_capability,
                                pair_backward_step)
 
@@ -82,10 +83,14 @@ class _Block:
 
     def __init__(self, module: torch.nn.Module, autocast: AutocastState, record_rng: bool):
         self.module = module
-        self.params = [p for p in module.parameters() if p.requires_grad]
         self.autocast = autocast
         self.record_rng = record_rng
         self.rng = None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        # Read at each use, never kept: under FSDP2 the gathered parameters exist only inside the layer's call.
+        return [p for p in self.module.parameters() if p.requires_grad]
 
     def chunks(self, T: int) -> list[tuple]:
         """The sequence chunks a token-wise block runs over (its own ``chunks``), else the whole sequence."""
@@ -174,6 +179,49 @@ def head_chunked_vjp(block: _Block, u, dy, settle):
         return NotImplemented
     with block.autocast.replay():
         return fast(u, dy, block.params, settle)
+
+
+class _KeptBlock(_Block):
+    """The F block of a ``reverse_keep_attention`` layer: its forward keeps each head chunk's attention
+    output and log-sum-exp (``AttentionBlock.forward_keeping``) until this layer's backward takes them."""
+
+    kept: list | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fx, self.kept = self.module.forward_keeping(x)
+        return fx
+
+
+def _kept_vjp(block: _KeptBlock, u, dy, settle):
+    kept, block.kept = block.kept, None  # consumed: a second backward must not find them
+    if kept is None:
+        raise ReversibilityError("a reverse_keep_attention layer's backward ran twice or before its forward")
+    with block.autocast.replay():
+        return block.module.additive_vjp(u, dy, block.params, settle, kept=kept)
+
+
+def kept_half(block: _KeptBlock, coupling, u, y, dy, vjp, coupling_autodiff, overwrite: bool):
+    """The F half of a ``reverse_keep_attention`` layer: the head-chunked pass, differentiating the kept
+    attention instead of running it again (the coupling is additive: ``keep_refusal`` checked)."""
+    return half_backward(block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite, additive_vjp=_kept_vjp)
+
+
+def keep_refusal(layer) -> str | None:
+    """Why ``layer`` cannot take ``reverse_keep_attention``, or None: it needs a ReversibleLayer with an
+    additive attention coupling, softmax attention through the fused kernels, and no random draws."""
+    if not isinstance(layer, ReversibleLayer):
+        return f"{type(layer).__name__} is not a ReversibleLayer (a whole-pair coupling has no attention to keep)"
+    if not has_capability(layer.attn.coupling, "additive"):
+        return (f"the attention coupling {type(layer.attn.coupling).__name__} is not additive (its cotangent "
+                "depends on the attention output)")
+    block = layer.spec().f  # the block the engine runs (a padding mask binds one around the attention)
+    if getattr(block, "key_mask", None) is not None:
+        return "a padding mask is bound (the kept kernels take no mask)"
+    if not hasattr(block, "forward_keeping"):
+        return f"{type(block).__name__} has no kept-attention path (softmax AttentionBlock only)"
+    if needs_rng(layer):
+        return "the layer draws random numbers (dropout)"
+    return block.keep_refusal()
 
 
 def head_chunked_half(block: _Block, coupling, u, y, dy, vjp, coupling_autodiff, overwrite: bool):
@@ -321,6 +369,35 @@ def _exact_layer_forward(layer: ReversibleLayer, step: torch.Tensor, x1, x2):
     return forward_step(x1, x2, exact_spec(layer, step))
 
 
+def _spec_forward(layer: ReversibleLayer, step: torch.Tensor, recompute: str, x1, x2):
+    return forward_step(x1, x2, exact_spec(layer, step, recompute))
+
+
+# The engine runs a layer's blocks itself, so hooks a wrapper put on the layer's own forward never fire. A
+# wrapper that needs them (revnet_torch.distributed: FSDP2 gathers the layer's parameters before its forward
+# and reduce-scatters their gradients after its backward) sets this attribute on the layer: a callable
+# ``(fn, x1, x2) -> fn(x1, x2)`` that runs fn as the layer's forward, inside its hooks.
+LAYER_CALL = "revnet_layer_call"
+
+
+def in_layer(layer, fn, x1, x2):
+    """fn(x1, x2) as ``layer``'s forward: through the layer's ``LAYER_CALL`` hook when it has one."""
+    call = getattr(layer, LAYER_CALL, None)
+    return fn(x1, x2) if call is None else call(fn, x1, x2)
+
+
+def _reverse_node(run: "_Run", x1, x2):
+    """The layer's autograd node, its parameters read now (inside ``in_layer``: gathered, under FSDP2)."""
+    params = run.params
+    dtensor = sys.modules.get("torch.distributed.tensor")  # absent: no parameter can be a DTensor
+    if dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in params):
+        raise DistributedError(
+            f"layer {run.index}: its parameters are sharded (DTensor) where its reversible node runs, so their "
+            "gradients would never arrive; a wrapper sharded the layer (or a block inside it) without gathering "
+            "it around the node. Shard with revnet_torch.distributed.shard_model (one fully_shard per layer)")
+    return _ReverseLayerFn.apply(x1, x2, run, *params)
+
+
 class Segment:
     """A run of consecutive ``reverse`` layers of one forward pass: holds the outputs of the layer whose
     backward runs next (the top layer's after the forward, then each rebuilt input in turn).
@@ -427,16 +504,20 @@ class _LayerRun(_Run):
     """A ``ReversibleLayer``: the core's steps over its F and G blocks, streams rebuilt in place."""
 
     def __init__(self, layer: ReversibleLayer, index: int, segment: Segment, bottom: bool, record_rng: bool,
-                 autocast: AutocastState):
+                 autocast: AutocastState, keep_attention: bool = False):
         super().__init__(index, segment, bottom)
         spec = layer.spec()
-        self.f = _Block(spec.f, autocast, record_rng)
+        self.f = (_KeptBlock if keep_attention else _Block)(spec.f, autocast, record_rng)
+        self.f_half = kept_half if keep_attention else head_chunked_half
         self.g = _Block(spec.g, autocast, record_rng)
         cf, cg = spec.cf, spec.cg
         if segment.grid is not None:
             cf = cg = FixedPointAdditive(segment.grid)
         self.spec = LayerSpec(self.f, self.g, cf, cg)
-        self.params = self.f.params + self.g.params
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.f.params + self.g.params  # read now, like _Block.params
 
     def step(self, x1, x2):
         return forward_step(x1, x2, self.spec)
@@ -449,7 +530,7 @@ class _LayerRun(_Run):
         with torch.no_grad():
             x1, x2, dx1, dx2, dpf, dpg = backward_step(y1, y2, dy1, dy2, self.spec, _vjp, _coupling_autodiff,
                                                        overwrite=True, g_half=chunked_half,
-                                                       f_half=head_chunked_half)
+                                                       f_half=self.f_half)
         return x1, x2, dx1, dx2, dpf + dpg
 
 
@@ -461,10 +542,13 @@ class _PairRun(_Run):
                  autocast: AutocastState):
         super().__init__(index, segment, bottom)
         self.pair = pair
-        self.params = [p for p in pair.parameters() if p.requires_grad]
         self.autocast = autocast
         self.record_rng = record_rng
         self.rng = None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in self.pair.parameters() if p.requires_grad]  # read now, like _Block.params
 
     def step(self, x1, x2):
         if self.record_rng:
@@ -520,8 +604,9 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
     """Run the stack: (x1, x2) -> (y1, y2), each (B, T, d), one policy per layer.
 
     Every policy of ``revnet_core.policies`` is implemented here: reverse: no activations kept (rebuilt from
-    outputs); store: plain autograd; checkpoint: keeps the layer's inputs and recomputes it
-    (torch.utils.checkpoint, which replays autocast and RNG itself); recompute_attention / recompute_ffn: a
+    outputs); reverse_keep_attention: reverse, but the attention kernel's output and log-sum-exp are kept so
+    the backward does not run the kernel again (``kept_attention``); store: plain autograd; checkpoint: keeps
+    the layer's inputs and recomputes it (torch.utils.checkpoint, which replays autocast and RNG itself); recompute_attention / recompute_ffn: a
     stored layer whose attention (FFN) block alone runs under torch.utils.checkpoint.
     ``private_outputs``: the caller keeps no
     reference to (y1, y2) or to their cotangents, so the backward may rebuild streams and accumulate
@@ -542,16 +627,23 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
         del x1s  # the copies live only as long as the layers need them
     segment = None
     for i, (layer, policy) in enumerate(zip(layers, policies)):
-        if policy == "reverse" and grad:
+        if policy in policies_table.REVERSING and grad:
             if segment is None:
                 segment, bottom = Segment(), True
-                end = next((j for j in range(i, len(policies)) if policies[j] != "reverse"), len(policies))
+                end = next((j for j in range(i, len(policies)) if policies[j] not in policies_table.REVERSING),
+                           len(policies))
                 segment.layers, segment.grid, segment.monitor = range(i, end), grid, _MONITOR.get()
             else:
                 bottom = False
-            kind = _PairRun if isinstance(layer, PairCoupling) else _LayerRun
-            run = kind(layer, i, segment, bottom, needs_rng(layer), autocast)
-            x1, x2 = _ReverseLayerFn.apply(x1, x2, run, *run.params)
+            if policy in policies_table.KEEPING_ATTENTION:
+                reason = keep_refusal(layer)
+                if reason is not None:
+                    raise ConfigError(f"layer {i}: policy={policy!r} cannot run: {reason}; use 'reverse'")
+                run = _LayerRun(layer, i, segment, bottom, False, autocast, keep_attention=True)
+            else:
+                kind = _PairRun if isinstance(layer, PairCoupling) else _LayerRun
+                run = kind(layer, i, segment, bottom, needs_rng(layer), autocast)
+            x1, x2 = in_layer(layer, functools.partial(_reverse_node, run), x1, x2)
             continue
         segment = None
         recomputes = policies_table.BY_NAME[policies_table.check(policy)].recomputes
@@ -563,11 +655,11 @@ def run_layers(layers: Sequence[ReversibleLayer], policies: Sequence[str], x1: t
                 x1, x2 = checkpoint(layer, x1, x2, use_reentrant=False)
             else:
                 # the step in a closure, not an argument: checkpoint would keep it as a saved input
-                x1, x2 = checkpoint(functools.partial(_exact_layer_forward, layer, grid), x1, x2,
-                                    use_reentrant=False)
+                step = functools.partial(_exact_layer_forward, layer, grid)
+                x1, x2 = in_layer(layer, functools.partial(checkpoint, step, use_reentrant=False), x1, x2)
         elif grid is not None:  # store, or a block recompute (recompute_attention/_ffn)
             block = recomputes if grad and recomputes != "layer" else ""
-            x1, x2 = forward_step(x1, x2, exact_spec(layer, grid, block))
+            x1, x2 = in_layer(layer, functools.partial(_spec_forward, layer, grid, block), x1, x2)
         elif recomputes and recomputes != "layer":
             x1, x2 = layer(x1, x2, recompute=recomputes) if grad else layer(x1, x2)
         else:

@@ -56,7 +56,9 @@ class ReversibleAttention(_CoupledHalf):
 
     ``use_rational_attention=True``: linear-time Rational-Fourier attention instead of softmax
     (``revnet_torch.rf_attention``; ``num_fourier_features``, ``rf_kernel`` gaussian | laplacian | cauchy,
-    ``learnable_features``, ``rf_chunk_size``). It has no attention dropout and no sliding window.
+    ``learnable_features``, ``rf_chunk_size``). It has no attention dropout; with ``window`` (gaussian kernel
+    only) it is the windowed hybrid of ``revnet_torch.rf_hybrid``: exact softmax over the last ``window`` keys,
+    the RF estimate of the same exp(q.k) for every key beyond, in one normalisation.
     """
 
     def __init__(self, d_model: int, num_heads: int, coupling="additive", *, attention_dropout: float = 0.0,
@@ -73,14 +75,13 @@ class ReversibleAttention(_CoupledHalf):
             if not causal:
                 raise ConfigError("causal=False with use_rational_attention=True: the Rational-Fourier layer is "
                                   "causal linear attention (prefix sums); use softmax attention for an encoder")
-            for name, value, off in (("attention_dropout", attention_dropout, 0.0), ("window", window, None)):
-                if value != off:
-                    raise ConfigError(f"{name}={value!r} with use_rational_attention=True: Rational-Fourier "
-                                      f"attention has no {name.replace('_', ' ')} (its weights are never formed)")
+            if attention_dropout:
+                raise ConfigError(f"attention_dropout={attention_dropout!r} with use_rational_attention=True: "
+                                  "Rational-Fourier attention has no attention dropout (its weights are never formed)")
             self.block = RFAttentionBlock(
                 d_model, num_heads, self.coupling.fx_features(d_model), rotary,
                 num_fourier_features=num_fourier_features, kernel=rf_kernel, learnable_features=learnable_features,
-                chunk_size=rf_chunk_size, norm=norm, eps=norm_eps, dropout=dropout,
+                chunk_size=rf_chunk_size, norm=norm, eps=norm_eps, dropout=dropout, window=window,
             )
             return
         self.block = AttentionBlock(
@@ -88,6 +89,22 @@ class ReversibleAttention(_CoupledHalf):
             attention=attention, use_flash_attention=use_flash_attention, attention_dropout=attention_dropout,
             dropout=dropout, head_chunk=head_chunk, window=window, causal=causal,
         )
+
+
+def attention_from_config(cfg: ModelConfig, rotary: Rotary) -> ReversibleAttention:
+    """The attention half ``cfg`` describes: softmax, or with ``attention_kind="rf"`` Rational-Fourier attention
+    with ``cfg.rf_options`` (windowed when ``attention_window`` is set)."""
+    opts = options(cfg)
+    rf = cfg.rf_options
+    extra = {} if not rf else dict(
+        use_rational_attention=True, num_fourier_features=rf["num_fourier_features"], rf_kernel=rf["kernel"],
+        learnable_features=rf["learnable_features"], rf_chunk_size=rf["chunk_size"])
+    return ReversibleAttention(
+        cfg.d_model, cfg.num_heads, resolve_coupling(cfg), attention_dropout=cfg.attention_dropout,
+        dropout=cfg.dropout, norm=cfg.norm, norm_eps=cfg.norm_eps, attention=opts.attention,
+        use_flash_attention=opts.use_flash_attention, rotary=rotary, head_chunk=cfg.attn_head_chunk,
+        window=cfg.attention_window, causal=cfg.causal, **extra,
+    )
 
 
 class ReversibleFFN(_CoupledHalf):
@@ -143,13 +160,7 @@ class ReversibleLayer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, rotary: Rotary) -> "ReversibleLayer":
-        opts = options(cfg)
-        attn = ReversibleAttention(
-            cfg.d_model, cfg.num_heads, resolve_coupling(cfg), attention_dropout=cfg.attention_dropout,
-            dropout=cfg.dropout, norm=cfg.norm, norm_eps=cfg.norm_eps, attention=opts.attention,
-            use_flash_attention=opts.use_flash_attention, rotary=rotary, head_chunk=cfg.attn_head_chunk,
-            window=cfg.attention_window, causal=cfg.causal,
-        )
+        attn = attention_from_config(cfg, rotary)
         ffn = ReversibleFFN(
             cfg.d_model, cfg.ffn_dim, resolve_coupling(cfg), activation=cfg.activation, dropout=cfg.dropout,
             norm=cfg.norm, norm_eps=cfg.norm_eps, chunk_size=cfg.ffn_chunk_size,

@@ -15,7 +15,7 @@ from revnet_core.inputs import check_id_range, check_labels_shape, check_length,
 
 from .blocks import Rotary, make_norm
 from .engine import run_layers
-from .layers import ReversibleLayer
+from .layers import ReversibleLayer, attention_from_config
 from .loss import IGNORE_INDEX, lm_loss, shift_targets
 from .options import TorchOptions, options
 
@@ -29,6 +29,13 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
             continue
         scale = (2 * config.num_layers) ** -0.5 if name.endswith(("proj.weight", "down.weight")) else 1.0
         nn.init.normal_(p, mean=0.0, std=config.init_std * scale)
+
+
+def _attention_parts(block: nn.Module) -> dict[str, nn.Module]:
+    """The weights every attention block has, by role: softmax's ``AttentionBlock`` holds qkv and proj
+    itself, the RF block inside its ``RationalFourierAttention``."""
+    inner = getattr(block, "attn", block)
+    return {"norm": block.norm, "qkv": inner.qkv, "proj": inner.proj}
 
 
 @dataclass
@@ -88,6 +95,29 @@ class ReversibleTransformer(nn.Module):
         self.config = self.config.replace(attention_window=window)  # validates
         for layer in self.layers:
             layer.attn.block.window = window
+
+    def set_attention_kind(self, kind: str, **attention_options) -> None:
+        """Every layer's attention becomes ``kind`` ("softmax" | "rf"; ``attention_options`` for "rf": kernel,
+        num_fourier_features, learnable_features, chunk_size, as ``ModelConfig.attention_options``), keeping
+        the layers' norm, qkv and output weights (RF attention has the very same ones), so a softmax model
+        becomes its RF approximation; the random features are drawn from torch's global RNG. The current
+        ``attention_window`` stays: with "rf" it makes the windowed hybrid (exact softmax inside the window).
+        Recorded in ``config`` so checkpoints rebuild the same model."""
+        config = self.config.replace(attention_kind=kind, attention_options=dict(attention_options))  # validates
+        if config == self.config:
+            return
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, ReversibleLayer):
+                raise ConfigError(f"layer {i} is a {type(layer).__name__}: set_attention_kind replaces the "
+                                  "attention of ReversibleLayer stacks")
+        for layer in self.layers:
+            old = layer.attn.block
+            p = next(old.parameters())
+            new = attention_from_config(config, self.rotary).block.to(device=p.device, dtype=p.dtype)
+            for name, module in _attention_parts(new).items():  # in the weights' own dtype: no rounding
+                module.load_state_dict(_attention_parts(old)[name].state_dict())
+            layer.attn.block = new
+        self.config = config
 
     def compile_blocks(self, **options) -> "ReversibleTransformer":
         """``torch.compile`` every attention and FFN block in place; the sweep itself stays eager."""

@@ -5,7 +5,7 @@ from revnet_core.registry import BackendRecord
 
 # The bench module's built-in models (revnet_torch.bench builds each), named here so `revnet bench` checks
 # a name before torch is imported.
-BENCH_MODELS = ("plain", "checkpoint", "offload", "reversible")
+BENCH_MODELS = ("plain", "checkpoint", "offload", "reversible", "reversible_rf")
 
 
 def build(config, *, weights=None):

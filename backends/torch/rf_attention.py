@@ -27,6 +27,9 @@ chunks a running state (exclusive prefix sums of each chunk's phi(k)^T v), throu
 The state after a call is returned with ``use_cache=True`` and continues exactly where it stopped, so
 decoding one token costs O(m * hd) per head whatever the position.
 
+``window=W`` (gaussian only) makes it the windowed hybrid of ``rf_hybrid``: exact softmax over the last W keys,
+this module's features for every key further back, one normalisation.
+
 The features are a buffer (a parameter with ``learnable_features=True``), drawn at construction from torch's
 global RNG and changed only by ``redraw_features()``: never inside a forward, so a reversible layer's
 recompute in the backward uses the very features its forward used and is bit-identical.
@@ -40,12 +43,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from revnet_core.config import RF_KERNELS
 from revnet_core.errors import ConfigError, InputError
 from revnet_kernels.linear_attn import linear_attention, naive_linear_attention, reference_linear_attention
 
 from .blocks import Rotary, make_norm
 
-KERNELS = ("gaussian", "laplacian", "cauchy")
+KERNELS = RF_KERNELS  # defined once in revnet_core.config (a config names its kernel before torch loads)
 
 
 def draw_features(kernel: str, num_features: int, head_dim: int, *, orthogonal: bool = True,
@@ -147,7 +151,7 @@ class RationalFourierAttention(nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_fourier_features: int = 64, kernel: str = "gaussian",
                  learnable_features: bool = False, *, out_features: int | None = None, chunk_size: int = 64,
                  orthogonal: bool = True, rotary: Rotary | None = None, use_rope: bool = True,
-                 rope_base: float = 10000.0, eps: float = 1e-2):
+                 rope_base: float = 10000.0, eps: float = 1e-2, window: int | None = None):
         super().__init__()
         if d_model % num_heads:
             raise ConfigError(f"{d_model=} must be divisible by {num_heads=}")
@@ -164,6 +168,7 @@ class RationalFourierAttention(nn.Module):
         self.orthogonal = orthogonal
         self.chunk_size = chunk_size
         self.eps = eps
+        self.window = window  # validated by the property below
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, out_features or d_model, bias=False)
         if rotary is None and use_rope:
@@ -174,6 +179,24 @@ class RationalFourierAttention(nn.Module):
             self.features = nn.Parameter(w)
         else:
             self.register_buffer("features", w)
+
+    @property
+    def window(self) -> int | None:
+        """None: RF attention over every earlier key. An int W: the windowed hybrid (``rf_hybrid``): exact
+        softmax over the last W keys (the query's own included), the RF estimate of exp(q.k) beyond them.
+        Gaussian kernel only (the one whose features estimate softmax's exp(q.k))."""
+        return self._window
+
+    @window.setter
+    def window(self, window: int | None) -> None:
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                raise ConfigError(f"window={window!r} must be a positive integer (or None: no window)")
+            if self.kernel != "gaussian":
+                raise ConfigError(f"window={window} with kernel={self.kernel!r}: the windowed hybrid adds exact "
+                                  "softmax inside the window to the RF estimate of the same exp(q.k) beyond it, "
+                                  "which only the gaussian kernel's features estimate; use kernel='gaussian'")
+        self._window = window
 
     @torch.no_grad()
     def redraw_features(self, generator: torch.Generator | None = None) -> None:
@@ -189,9 +212,12 @@ class RationalFourierAttention(nn.Module):
     def feature_width(self) -> int:
         return self.num_fourier_features * (1 if self.kernel == "gaussian" else 2)
 
-    def feature_map(self, x: torch.Tensor, is_query: bool, stabilize: bool = True) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor, is_query: bool, stabilize: bool = True, return_shift: bool = False):
         """(B, H, T, hd) -> (B, H, T, M) features of queries or keys, in x's dtype (at least float32).
-        ``stabilize=False``: gaussian features without the shifts that cancel in attention (for tests)."""
+        ``stabilize=False``: gaussian features without the shifts that cancel in attention (for tests).
+        ``return_shift``: also the shift taken out of the gaussian exponents (the features times e^shift are
+        the unshifted ones): (B, H, T, 1) for queries, a scalar for keys (0 without stabilising or for the
+        Fourier kernels). The windowed hybrid (``rf_hybrid``) needs it to put both parts on one scale."""
         w = self.features.to(x.dtype)
         m = self.num_fourier_features
         if self.kernel == "gaussian":
@@ -206,15 +232,24 @@ class RationalFourierAttention(nn.Module):
                 shift = expo.detach().amax(-1, keepdim=True)
             else:
                 shift = 0.5 * (w.detach() * w.detach()).sum(-1).max()
-            return torch.exp(expo - shift) * m ** -0.5
+            phi = torch.exp(expo - shift) * m ** -0.5
+            return (phi, torch.as_tensor(shift, dtype=x.dtype, device=x.device)) if return_shift else phi
         ang = (x * (self.head_dim ** -0.5 if self.kernel == "cauchy" else 1.0 / self.head_dim)) @ w.T
-        return torch.cat([ang.cos(), ang.sin()], dim=-1) * m ** -0.5
+        phi = torch.cat([ang.cos(), ang.sin()], dim=-1) * m ** -0.5
+        return (phi, x.new_zeros(())) if return_shift else phi
 
-    def init_state(self, batch: int, *, device=None, dtype=torch.float32) -> RFState:
-        """The state before the first token: zero sums at position 0."""
+    def init_state(self, batch: int, *, device=None, dtype=torch.float32):
+        """The state before the first token: zero sums at position 0 (an ``RFState``, or with a window a
+        ``rf_hybrid.WindowState`` holding no keys yet)."""
         dtype = torch.promote_types(dtype, torch.float32)
         kv = torch.zeros(batch, self.num_heads, self.feature_width, self.head_dim, device=device, dtype=dtype)
-        return RFState(kv, kv.new_zeros(batch, self.num_heads, self.feature_width), kv.new_zeros(batch), 0)
+        z = kv.new_zeros(batch, self.num_heads, self.feature_width)
+        if self.window is not None:
+            from .rf_hybrid import WindowState
+
+            empty = kv.new_zeros(batch, self.num_heads, 0, self.head_dim)
+            return WindowState(empty, empty, kv, z, 0)
+        return RFState(kv, z, kv.new_zeros(batch), 0)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 use_cache: bool = False, past_state: RFState | None = None):
@@ -234,6 +269,10 @@ class RationalFourierAttention(nn.Module):
             if past_state is not None:
                 dtype = torch.promote_types(dtype, past_state.kv.dtype)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            if self.window is not None:
+                o, state = self._windowed(q, k, v, attention_mask, use_cache, past_state)
+                out = self.proj(o.to(out_dtype).transpose(1, 2).reshape(B, T, d))
+                return (out, state) if use_cache else out
             fq, fk = self.feature_map(q, True), self.feature_map(k, False)
             if attention_mask is not None:
                 if tuple(attention_mask.shape) != (B, T):
@@ -252,6 +291,18 @@ class RationalFourierAttention(nn.Module):
         out = self.proj(o)
         return (out, state) if use_cache else out
 
+    def _windowed(self, q, k, v, attention_mask, use_cache, past_state):
+        """The windowed hybrid's heads (``rf_hybrid.windowed_rf_heads``): (out (B, H, T, hd), state or None)."""
+        from .rf_hybrid import WindowState, windowed_rf_heads
+
+        if attention_mask is not None:
+            raise InputError("attention_mask with a window: the windowed RF attention takes no padding mask; "
+                             "pass window=None for masked keys, or give unpadded sequences")
+        if past_state is not None and not isinstance(past_state, WindowState):
+            raise InputError(f"past_state is a {type(past_state).__name__} but this attention has window="
+                             f"{self.window}: start from init_state() of the same attention")
+        return windowed_rf_heads(self, q, k, v, self.window, past_state, keep_state=use_cache)
+
 
 class RFAttentionBlock(nn.Module):
     """F(x) = RationalFourierAttention(norm(x)) for a reversible layer: (B, T, d) -> (B, T, out_features).
@@ -262,20 +313,30 @@ class RFAttentionBlock(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, out_features: int, rotary: Rotary | None, *,
                  num_fourier_features: int = 64, kernel: str = "gaussian", learnable_features: bool = False,
-                 chunk_size: int = 64, norm: str = "layernorm", eps: float = 1e-5, dropout: float = 0.0):
+                 chunk_size: int = 64, norm: str = "layernorm", eps: float = 1e-5, dropout: float = 0.0,
+                 window: int | None = None):
         super().__init__()
         self.num_heads = num_heads
-        self.window = None  # full causal attention: RF attention has no sliding window
         self.norm = make_norm(norm, d_model, eps)
         self.attn = RationalFourierAttention(d_model, num_heads, num_fourier_features, kernel, learnable_features,
                                              out_features=out_features, chunk_size=chunk_size, rotary=rotary,
-                                             use_rope=rotary is not None)
+                                             use_rope=rotary is not None, window=window)
         self.drop = nn.Dropout(dropout)
+
+    @property
+    def window(self) -> int | None:
+        """The attention's window (``RationalFourierAttention.window``): None, or exact softmax over the last
+        W keys plus RF beyond. Settable, as the model's ``set_attention_window`` does for every block."""
+        return self.attn.window
+
+    @window.setter
+    def window(self, window: int | None) -> None:
+        self.attn.window = window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.attn(self.norm(x)))
 
-    def init_state(self, batch: int, *, device=None, dtype=torch.float32) -> RFState:
+    def init_state(self, batch: int, *, device=None, dtype=torch.float32):
         return self.attn.init_state(batch, device=device, dtype=dtype)
 
     def decode(self, x: torch.Tensor, state: RFState):

@@ -104,6 +104,14 @@ def invertible_layers(model) -> list[bool]:
     return out
 
 
+def keepable_layers(model) -> list[bool]:
+    """Whether each layer can take ``reverse_keep_attention`` now (``engine.keep_refusal``: an additive
+    softmax layer through the fused kernels, drawing no random numbers in the current mode)."""
+    from .engine import keep_refusal
+
+    return [keep_refusal(layer) is None for layer in model.layers]
+
+
 class CalibratedCost:
     """The cost model, corrected by measurements: activation bytes scaled by measured/predicted, and layer
     times taken from a profile (seconds per policy) when one is given."""
@@ -363,7 +371,8 @@ class MemoryScheduler(_Scheduler):
         if self.strategy == "balanced" and self.memory_budget is None:
             budget = None  # balanced needs no device query: the midpoint of the model's own range
         plan = plan_layers(priced, len(self.model.layers), budget, strategy=self.strategy,
-                           granularity=self.granularity, invertible=invertible_layers(self.model))
+                           granularity=self.granularity, invertible=invertible_layers(self.model),
+                           keepable=keepable_layers(self.model))
         if not plan.fits:
             warnings.warn(f"no plan fits: {plan.summary()}; {' '.join(plan.notes)}", stacklevel=3)
         return plan
@@ -455,7 +464,7 @@ class LayerScheduler:
             p = self.assigned.get(i, defaults[i])
             if p == "recompute":
                 p = "reverse" if inv[i] else "checkpoint"
-            if p == "reverse" and not inv[i]:
+            if p in policy_table.REVERSING and not inv[i]:
                 raise ValueError(f"layer {i} cannot be reversed (its coupling has no inverse); use 'recompute' "
                                  f"or 'checkpoint'")
             if p == "adaptive":
@@ -466,7 +475,8 @@ class LayerScheduler:
             raise ValueError("'adaptive' layers need a memory budget: LayerScheduler(memory_budget=...) or a device "
                              "that reports its memory")
         return plan_layers(priced, L, budget if adaptive else None, strategy="adaptive" if adaptive else "aggressive",
-                           granularity=self.recompute_granularity, invertible=inv, fixed=fixed)
+                           granularity=self.recompute_granularity, invertible=inv, fixed=fixed,
+                           keepable=keepable_layers(model))
 
 
 class _Attached(_Scheduler):

@@ -38,6 +38,9 @@ from revnet_core.settings import PRECISIONS
 
 from . import checkpoint as ckpt
 from .optim import OptimizerInBackward
+from .optim8bit import AdamW8bit
+
+OPTIMIZERS = ("adamw", "adamw8bit")  # LongContextTrainer(optimizer=...): fp32 moments, or 8-bit block-wise ones
 
 read_log = runlog.read_log  # still importable from here: tests/torch/test_checkpoint.py reads run logs with it
 # Config fields that change memory or speed but not the function the model computes: a run may resume with
@@ -88,11 +91,16 @@ class LongContextTrainer:
     keeps everything in memory (``trainer.history``). ``checkpoint_every``: steps between checkpoints (one
     is always written at the end when there is an ``out_dir``).
     ``attention_window_size``: sliding-window attention over the last N tokens in every layer (the model's
-    ``set_attention_window``; None keeps the model's own). ``use_linear_attention_approximation`` is a seed
-    README keyword for a system not built: setting it raises instead of being ignored.
+    ``set_attention_window``; None keeps the model's own). ``use_linear_attention_approximation=True``: every
+    layer's attention becomes Rational-Fourier attention (the model's ``set_attention_kind("rf")``, gaussian
+    kernel, its weights kept; a model already RF keeps its options); with a window too, the windowed hybrid:
+    exact softmax over the last ``attention_window_size`` tokens plus the RF estimate of exp(q.k) for every
+    token further back, one normalisation (``revnet_torch.rf_hybrid``).
     ``optimizer_in_backward``: each parameter is updated inside the backward as soon as its gradient is
     complete (``revnet_torch.optim.OptimizerInBackward``), so the whole model's gradients never coexist;
     clipping then uses the previous step's gradient norm (the first step is unclipped). Not with fp16.
+    ``optimizer``: "adamw" (fp32 moments, 8 bytes a parameter) or "adamw8bit" (block-wise 8-bit moments,
+    ``revnet_torch.optim8bit.AdamW8bit``: about 2 bytes a parameter), after the backward or inside it.
     """
 
     def __init__(self, model: torch.nn.Module, max_length: int | None = None, gradient_accumulation_steps: int = 1,
@@ -102,13 +110,16 @@ class LongContextTrainer:
                  checkpoint_every: int | None = None, device: str | torch.device | None = None, seed: int = 0,
                  progress: bool = True, plot: bool = True, callbacks: Iterable[Callable] = (),
                  attention_window_size: int | None = None, use_linear_attention_approximation: bool = False,
-                 drift_every: int | None = 100, optimizer_in_backward: bool = False):
-        if use_linear_attention_approximation:
-            raise ConfigError("use_linear_attention_approximation=True: linear attention is not implemented in "
-                              "the torch backend yet (attention is exact); leave it False")
+                 drift_every: int | None = 100, optimizer_in_backward: bool = False, optimizer: str = "adamw"):
         config = getattr(model, "config", None)
         if config is None:
             raise ConfigError("the model has no .config: pass a model built by revnet_core.build or revnet_torch")
+        if use_linear_attention_approximation and getattr(config, "attention_kind", "softmax") != "rf":
+            if not hasattr(model, "set_attention_kind"):
+                raise ConfigError(f"use_linear_attention_approximation=True: {type(model).__name__} has no "
+                                  "set_attention_kind; pass a revnet_torch ReversibleTransformer")
+            model.set_attention_kind("rf")
+            config = model.config
         if attention_window_size is not None:
             if not hasattr(model, "set_attention_window"):
                 raise ConfigError(f"attention_window_size={attention_window_size}: {type(model).__name__} has no "
@@ -167,6 +178,9 @@ class LongContextTrainer:
             self.drift = DriftMonitor(model, every=drift_every)
         self.memory_efficient_optimizer = False
         self.optimizer_in_backward = bool(optimizer_in_backward)
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={optimizer!r} is not one of {list(OPTIMIZERS)}")
+        self.optimizer_name = optimizer
         if self.optimizer_in_backward and self.amp_dtype == torch.float16:
             raise ConfigError("optimizer_in_backward=True with fp16: the loss scaler must see every gradient "
                               "before any update; use bf16 or fp32")
@@ -210,6 +224,11 @@ class LongContextTrainer:
         if data.seq_len > self.max_length:
             raise InputError(f"seq_len={data.seq_len} exceeds max_length={self.max_length} (the model's "
                              f"max_seq_len is {self.config.max_seq_len})")
+        data_vocab = data.identity.get("vocab_size", 0)  # a token file's header says its vocabulary
+        if data_vocab > self.config.vocab_size:
+            raise InputError(f"the data's vocabulary ({data_vocab}, from {data.identity.get('source')}) exceeds the "
+                             f"model's vocab_size={self.config.vocab_size}; build the model with vocab_size >= "
+                             f"{data_vocab}")
         self._stop = False
         self.step = 0  # a new fit starts a new schedule from the model's current weights
         self.history = []
@@ -319,9 +338,8 @@ class LongContextTrainer:
         # Mid-step (a second Ctrl-C), the RNG and sampler have moved on: save them as the step found them.
         rng, sampler = self._snapshot or (ckpt.rng_state(), data.sampler.state_dict())
         state = {
-            "model_class": type(self.model).__name__,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model_class": self.model_class_name,
+            **self._training_states(),  # "model" and "optimizer"
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "data": sampler,
@@ -342,7 +360,7 @@ class LongContextTrainer:
                 "max_grad_norm": self.max_grad_norm, "weight_decay": self.weight_decay, "betas": list(self.betas),
                 "precision": self.precision, "seed": self.seed,
                 "memory_efficient_optimizer": self.memory_efficient_optimizer,
-                "optimizer_in_backward": self.optimizer_in_backward}
+                "optimizer_in_backward": self.optimizer_in_backward, "optimizer": self.optimizer_name}
 
     # --- internals -------------------------------------------------------------------------------------
     def _setup_optimizer(self, steps: int) -> None:
@@ -356,11 +374,14 @@ class LongContextTrainer:
             options["fused"] = True
         if isinstance(self.optimizer, OptimizerInBackward):
             self.optimizer.remove_hooks()  # a new fit's optimizer replaces it; the old one must stop stepping
+        inner = torch.optim.AdamW
+        if self.optimizer_name == "adamw8bit":
+            inner, options = AdamW8bit, {}  # one code path on every device: no foreach/fused variants
         if self.optimizer_in_backward:
-            self.optimizer = OptimizerInBackward(groups, torch.optim.AdamW, max_grad_norm=self.max_grad_norm,
+            self.optimizer = OptimizerInBackward(groups, inner, max_grad_norm=self.max_grad_norm,
                                                  lr=self.lr, betas=self.betas, **options)
         else:
-            self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, **options)
+            self.optimizer = inner(groups, lr=self.lr, betas=self.betas, **options)
         self._warmup = warmup_steps(steps, self.warmup_steps)
         schedule = cosine_schedule(self._warmup, steps, self.min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
@@ -379,11 +400,14 @@ class LongContextTrainer:
     def _resume(self, path, data: TrainingData, run_settings: dict[str, Any]) -> None:
         state = ckpt.load_checkpoint(path, map_location=self.device)
         where = ckpt.resolve(path)
-        ckpt.check_compatible(state, backend=ckpt.BACKEND, model_class=type(self.model).__name__,
+        ckpt.check_compatible(state, backend=ckpt.BACKEND, model_class=self.model_class_name,
                               config=self._comparable_config(), run=run_settings, path=where)
+        saved_optimizer = state.get("trainer", {}).get("optimizer", "adamw")  # files before the option: fp32
+        if saved_optimizer != self.optimizer_name:
+            raise ckpt.CheckpointError(f"checkpoint {os.fspath(where)!r} holds {saved_optimizer!r} optimizer state; "
+                                       f"this trainer runs optimizer={self.optimizer_name!r}: resume with the same one")
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self._load_training_states(state["model"], state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             data.sampler.load_state_dict(state["data"])
             if self.scaler is not None and "amp" in state:
@@ -412,7 +436,7 @@ class LongContextTrainer:
             ids, labels = self._to_device(*data.sampler.next_batch())
             n = _target_count(ids, labels)
             with self._autocast():
-                loss = self.model(ids, labels=labels).loss
+                loss = self._micro_forward(ids, labels, last=micro == self.accum - 1)
             # Summed nats, scaled after accumulation: the step's loss is the mean over all its target tokens.
             if fused and micro == self.accum - 1:
                 # The updates happen in this backward, scaled by the step's target count as below; a Ctrl-C
@@ -430,6 +454,7 @@ class LongContextTrainer:
             tokens += ids.numel()
         if fused:
             return self._finish_fused_step(step, t0, total_nats, targets, tokens)
+        total_nats, targets = self._step_totals(total_nats, targets, step)
         scale = (unit or 1) / max(1, targets) if self.scaler is not None else 1.0 / max(1, targets)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # notes an overflow; scaler.step then skips the update
@@ -494,6 +519,27 @@ class LongContextTrainer:
             self._emit({"kind": "drift_fallback", "step": record["step"],
                         **{k: v for k, v in event.items() if k != "step"}, "forward": event["step"]})
         return record
+
+    # Hooks a distributed trainer (revnet_torch.distributed_trainer) overrides: the forward of one micro-batch
+    # (through its wrapper, syncing gradients on the last), the step's totals (over all ranks), and the
+    # model's and optimizer's states a checkpoint holds (gathered from the shards).
+    def _micro_forward(self, ids: torch.Tensor, labels: torch.Tensor | None, last: bool) -> torch.Tensor:
+        return self.model(ids, labels=labels).loss
+
+    def _step_totals(self, total_nats: torch.Tensor, targets: int, step: int) -> tuple[torch.Tensor, float]:
+        return total_nats, targets
+
+    @property
+    def model_class_name(self) -> str:
+        """The model's class as checkpoints record it (a sharded model's is the class it was built as)."""
+        return type(self.model).__name__
+
+    def _training_states(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def _load_training_states(self, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
 
     def _hidden_kwargs(self) -> dict[str, Any]:
         # Scoring answers needs the final hidden states; models that keep them only on request say so.

@@ -104,3 +104,54 @@ def test_regime_sets_tokens_per_step_and_oversized_models_are_reported():
         OptimalConfigs.get_config(model_size="3B", context_length=4096, hardware="H100")
     with pytest.raises(ValueError, match="training_regime"):
         OptimalConfigs.get_config(model_size="125M", context_length=4096, hardware="H100", training_regime="rl")
+
+
+# --- optimizer options (issue #21) ------------------------------------------------------------------------
+from revnet_core.presets import preset_config
+from revnet_torch.optim_cost import ACCUMULATING_LADDER, FILL, LADDER
+
+
+def test_7b_at_128k_on_an_h200_is_advised_the_step_inside_the_backward():
+    cfg = preset_config("7B", vocab_size=50257, max_seq_len=131072)
+    advisor = OptimizationAdvisor(cfg, target_seq_length=131072, hardware="H200")
+    rec = advisor.optimizer_recommendation()
+    assert rec is not None and rec.category == "optimizer" and rec.action == {"optimizer": "adamw_in_backward"}
+    assert "optimizer_in_backward=True" in rec.suggestion
+    assert rec.bytes_saved > 15 * 2**30  # the fp32 gradients of 6.85B parameters, less one layer's
+
+
+def test_a_tiny_model_keeps_plain_adamw():
+    tiny = ModelConfig(num_layers=2, d_model=64, num_heads=2, vocab_size=256, max_seq_len=256)
+    advisor = OptimizationAdvisor(tiny, target_seq_length=256, hardware="L4")
+    assert advisor.optimizer_recommendation() is None
+    assert "optimizer" not in [r.category for r in advisor.analyze()]
+    assert OptimalConfigs.get_config(model_size="125M", context_length=4096, hardware="L4").optimizer == "adamw"
+
+
+def test_the_ladder_takes_the_first_option_with_room():
+    cm = CostModel(preset_config("7B", vocab_size=50257, max_seq_len=262144), Workload(seq_len=262144))
+    budget = gpu_budget("H100")
+    name, peaks, how = cm.choose_optimizer(["reverse"] * 32, budget)
+    assert list(peaks) == list(LADDER)  # nothing before the last had room
+    assert name == "adamw8bit_in_backward_bf16" and peaks[name] <= FILL * budget and "stochastic_rounding" in how
+    assert all(peaks[n] > FILL * budget for n in LADDER[:-1])
+    # With accumulation only the state can shrink (every gradient exists on the earlier micro-batches).
+    name, peaks, how = cm.choose_optimizer(["reverse"] * 32, budget, accumulating=True)
+    assert list(peaks) == list(ACCUMULATING_LADDER) and name == "adamw8bit" and "optimizer='adamw8bit'" in how
+
+
+def test_optimal_config_with_accumulation_chooses_8bit_state():
+    cfg = OptimalConfigs.get_config(model_size="760M", context_length=2048, hardware="T4", training_regime="fine-tuning")
+    assert cfg.optimizer == "adamw8bit" and cfg.fits and cfg.gradient_accumulation_steps > 1
+    assert any("optimizer='adamw8bit'" in n for n in cfg.notes) and "optimizer adamw8bit" in cfg.summary()
+    plain = OptimalConfigs.get_config(model_size="760M", context_length=2048, hardware="T4",
+                                      training_regime="fine-tuning", optimizer="adamw")
+    assert plain.optimizer == "adamw" and plain.predicted_peak_bytes > cfg.predicted_peak_bytes
+    with pytest.raises(ValueError, match="'sgd8' is not one of"):
+        OptimalConfigs.get_config(model_size="125M", context_length=4096, hardware="L4", optimizer="sgd8")
+
+
+def test_a_step_without_adamw_is_not_given_an_adamw_option():
+    cm = CostModel(preset_config("7B", vocab_size=50257, max_seq_len=131072), Workload(seq_len=131072, optimizer="sgd"))
+    name, peaks, _ = cm.choose_optimizer(["reverse"] * 32, gpu_budget("H100"))
+    assert name == "adamw" and list(peaks) == ["adamw"]

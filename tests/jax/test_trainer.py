@@ -165,3 +165,52 @@ def test_revnet_train_backend_jax_writes_the_run_files(tmp_path, capsys, corpus)
     for flags, match in ((["--precision", "fp16"], "fp16"), (["--scheduler", "balanced"], "--scheduler")):
         assert main(argv[:-3] + ["--out", str(tmp_path / "x"), *flags]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_a_jax_checkpoint_resumes_in_the_torch_trainer(tmp_path, corpus):
+    """The other direction: a JAX run stopped at step 2 (checkpoint.safetensors) continued by the torch trainer
+    ends where the uninterrupted torch run does (fp32 rounding of two frameworks), at the same LRs."""
+    import torch
+
+    from revnet_torch.trainer import LongContextTrainer
+
+    torch.manual_seed(0)
+    revnet_core.build("torch", **SMALL).save_weights(tmp_path / "w.safetensors")
+    start = load_file(tmp_path / "w.safetensors")
+    hyper = dict(lr=3e-3, warmup_steps=1, gradient_accumulation_steps=2, progress=False, plot=False,
+                 max_grad_norm=0.05, precision="fp32")
+
+    def stop_at_2(trainer, record):
+        if record["step"] == 2:
+            trainer.request_stop()
+
+    jm = revnet_core.build("jax", weights=str(tmp_path / "w.safetensors"), **SMALL)
+    JAXTrainer(jm, out_dir=tmp_path / "jax", callbacks=[stop_at_2], **hyper).fit(data_of(corpus), steps=4)
+    whole = revnet_core.build("torch", weights=str(tmp_path / "w.safetensors"), **SMALL)
+    t = LongContextTrainer(whole, device="cpu", drift_every=None, **hyper)
+    t.fit(data_of(corpus), steps=4)
+    resumed_model = revnet_core.build("torch", weights=str(tmp_path / "w.safetensors"), **SMALL)
+    resumed = LongContextTrainer(resumed_model, device="cpu", drift_every=None, **hyper)
+    summary = resumed.fit(data_of(corpus), steps=4, resume=tmp_path / "jax")
+    assert summary["resumed_from"] == 2 and summary["step"] == 4
+
+    ref = {r["step"]: r for r in t.history if r["kind"] == "train"}
+    got = [r for r in resumed.history if r["kind"] == "train"]
+    assert [r["step"] for r in got] == [3, 4]
+    for r in got:
+        a = ref[r["step"]]
+        assert r["lr"] == pytest.approx(a["lr"], rel=1e-12)  # the schedule's position carried over
+        assert abs(r["loss"] - a["loss"]) / a["loss"] < 1e-5
+        assert abs(r["grad_norm"] - a["grad_norm"]) / a["grad_norm"] < 1e-4
+    theirs = {k: v.detach().numpy() for k, v in whole.state_dict().items()}
+    ours = {k: v.detach().numpy() for k, v in resumed_model.state_dict().items()}
+    for k in theirs:
+        moved = np.abs(theirs[k] - start[k]).max()
+        assert np.abs(ours[k] - theirs[k]).max() <= 1e-3 * max(moved, 1e-6) + 1e-7, k
+    # AdamW's moments came across too: without them step 3 would move the weights differently
+    state = resumed.optimizer.state_dict()["state"]
+    assert all(int(s["step"]) == 4 for s in state.values())
+    # the torch run saved its checkpoint.pt beside the JAX file: both trainers now resume the newer one
+    from revnet_torch import checkpoint as torch_ckpt
+
+    assert ckpt.resolve(tmp_path / "jax").name == torch_ckpt.resolve(tmp_path / "jax").name == "checkpoint.pt"

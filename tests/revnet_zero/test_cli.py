@@ -278,3 +278,79 @@ def test_plugins_lists_a_refused_backend_and_the_opt_in(capsys, monkeypatch):
         assert "test-cli-hijack" in torch_row and "replaces 'torch' (REVNET_ALLOW_OVERRIDE)" in torch_row
     finally:
         unregister_plugin(name)
+
+
+# --- --tokens: a token file instead of the embedded corpus (issue #21) -------------------------------------
+def token_file(tmp_path, vocab=1000, n=6000):
+    import numpy as np
+
+    from revnet_core.token_file import write_tokens
+
+    path = tmp_path / f"ids{vocab}.bin"
+    write_tokens(path, np.random.default_rng(0).integers(0, vocab, n), vocab_size=vocab)
+    return str(path)
+
+
+def test_tokens_flag_takes_the_vocabulary_from_the_header(tmp_path):
+    from revnet_core.settings import make_data
+
+    s = settings("--tokens", token_file(tmp_path, vocab=1000), "--seq-len", "32")
+    assert s.model_config().vocab_size == 1000
+    data = make_data(s)
+    assert data.units == "tokens" and data.identity["source"] == "token-file" and data.identity["vocab_size"] == 1000
+    assert settings().model_config().vocab_size == 256  # without it: bytes, as before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "x.txt"], "--tokens is a corpus for --task lm, instead of --data"),
+    (["--task", "passkey"], "--tokens is for --task lm"),
+])
+def test_tokens_flag_refusals(tmp_path, capsys, extra, message):
+    code, _, err = run(capsys, "train", "--tokens", token_file(tmp_path), *extra, "--out", str(tmp_path / "r"))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_missing_token_file_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--tokens", str(tmp_path / "none.bin"), "--out", str(tmp_path / "r"))
+    assert code == 2 and "none.bin" in err and len(err.strip().splitlines()) == 1
+
+
+TINY_RUN = ("--size", "tiny", "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--eval-windows", "2",
+            "--no-progress", "--no-plot")
+
+
+def test_train_on_a_token_file_reports_loss_per_token(tmp_path, capsys):
+    import json
+
+    code, out, err = run(capsys, "train", "--tokens", token_file(tmp_path, vocab=1000), *TINY_RUN,
+                         "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "held-out loss per token" in out and "bits per token" in out and "bits per byte" not in out
+    assert "token file" in err and "vocab 1000" in err
+    result = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert result["config"]["vocab_size"] == 1000 and result["data"]["source"] == "token-file"
+    assert "eval_bits_per_token" in result["eval"] and "eval_bits_per_byte" not in result["eval"]
+
+
+def test_train_on_a_byte_token_file_reports_bits_per_byte(tmp_path, capsys):
+    from revnet_core.token_file import text_to_token_file
+
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 300)
+    path = tmp_path / "bytes.bin"
+    text_to_token_file([text], path)
+    code, out, err = run(capsys, "train", "--tokens", str(path), *TINY_RUN, "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "bits per byte" in out and "per token" not in out
+
+
+def test_the_trainer_refuses_data_with_a_larger_vocabulary(tmp_path):
+    import revnet_core
+    from revnet_core import InputError
+    from revnet_core.token_file import token_data
+    from revnet_torch.trainer import LongContextTrainer
+
+    model = revnet_core.build("torch", num_layers=1, d_model=16, num_heads=2, vocab_size=256, max_seq_len=32)
+    trainer = LongContextTrainer(model, progress=False, plot=False, drift_every=None)
+    with pytest.raises(InputError, match=r"vocabulary \(1000.*exceeds the model's vocab_size=256"):
+        trainer.fit(token_data(token_file(tmp_path), 16, 2), steps=1)

@@ -105,3 +105,17 @@ def step_peak(model, ids, autocast: bool, before_measuring=lambda: None):
                                           device="cpu"))
     start = cm.parameter_bytes() + cm.optimizer_bytes() + cm.rope_table_bytes() + ids.numel() * 8
     return cm.peak_bytes(model.policies) - start, measured, cm
+
+
+def stack_grads(seq, x, policy):
+    """Gradients of a random projection of a ReversibleSequence's two outputs under ``policy``, the input's
+    under "x": the quantity the layers' fp64 gradient checks compare between policies."""
+    seq.zero_grad(set_to_none=True)
+    seq.policies = [policy] * len(seq.layers)
+    xg = x.clone().requires_grad_(True)
+    torch.manual_seed(11)
+    y1, y2 = seq(xg)
+    g = torch.Generator().manual_seed(12)
+    ((y1 * torch.randn(y1.shape, generator=g, dtype=y1.dtype)).sum()
+     + (y2 * torch.randn(y2.shape, generator=g, dtype=y2.dtype)).sum()).backward()
+    return {"x": xg.grad, **{n: p.grad.clone() for n, p in seq.named_parameters()}}

@@ -219,7 +219,8 @@ def test_bad_arguments_raise_config_errors(kwargs, message):
 
 
 def test_built_in_weights_do_not_depend_on_the_kind():
-    digests = {weights_digest(build_model(ModelSpec(kind, TINY), 16)) for kind in SPEC_KINDS}
+    # reversible_rf also holds its random features (its shared weights: tests/torch/test_rf_hybrid.py)
+    digests = {weights_digest(build_model(ModelSpec(kind, TINY), 16)) for kind in SPEC_KINDS if kind != "reversible_rf"}
     assert len(digests) == 1
 
 

@@ -196,3 +196,61 @@ def test_plan_errors_and_helpers():
         cm.peak_bytes(["store", "fast", "reverse"])
     assert plan_summary(["store", "store", "reverse"]) == "store x2, reverse x1"
     assert format_bytes(1536) == "1.50 KiB" and format_bytes(3 * GiB) == "3.00 GiB"
+
+
+# --- optimizer options (revnet_torch.optim_cost, issue #21) -----------------------------------------------
+import json
+from pathlib import Path
+
+from revnet_core import ConfigError
+from revnet_torch.optim_cost import OPTIMIZER_OPTIONS, optimizer_option, state_bytes
+
+LARGE = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "large_models"
+MEASURED_OPTION = {"reversible": "adamw", "inbackward": "adamw_in_backward", "inbackward-bf16": "adamw_in_backward_bf16"}
+
+
+def test_plain_adamw_option_is_the_cost_models_own_peak():
+    cfg = ModelConfig(num_layers=4, d_model=64, num_heads=4, d_ff=256, vocab_size=300, max_seq_len=2048)
+    for policy in ("reverse", "store", "checkpoint"):
+        cm = CostModel(cfg, Workload(seq_len=2048))
+        assert cm.optimizer_peak_bytes(policy, "adamw") == cm.peak_bytes(policy)
+
+
+def test_each_option_prices_its_state_and_gradients():
+    # Parameters dominate at 64 tokens: the peak is at the end of the backward, where the options differ.
+    cfg = ModelConfig(num_layers=4, d_model=256, num_heads=4, vocab_size=8192, max_seq_len=64)
+    cm = CostModel(cfg, Workload(seq_len=64))
+    peak = {o: cm.optimizer_peak_bytes("reverse", o) for o in OPTIMIZER_OPTIONS}
+    # Inside the backward the gradients never all exist: all but the two largest tensors' (embedding, head).
+    largest = cfg.vocab_size * cfg.d_model * 4
+    assert cm.gradient_bytes() - 2 * largest <= peak["adamw"] - peak["adamw_in_backward"] <= cm.gradient_bytes()
+    # 8-bit moments: 6 bytes a parameter less, less the chunked update's temporaries.
+    assert peak["adamw8bit"] < peak["adamw"] and peak["adamw8bit_in_backward"] < peak["adamw_in_backward"]
+    assert peak["adamw8bit_in_backward"] == min(peak.values())
+
+
+def test_state_bytes_per_parameter():
+    assert state_bytes(10**6, 10, "adamw") == 8 * 10**6
+    assert state_bytes(10**6, 10, "adamw8bit_in_backward") / 10**6 == pytest.approx(2 + 8 / 256, rel=1e-3)
+    assert state_bytes(10**6, 10, "adamw8bit", block_size=2048) / 10**6 == pytest.approx(2 + 8 / 2048, rel=1e-3)
+    with pytest.raises(ConfigError, match="block_size"):
+        state_bytes(10, 1, "adamw8bit", block_size=100)
+    with pytest.raises(ConfigError, match="not one of"):
+        optimizer_option("adam8")
+    assert optimizer_option("adamw8bit_in_backward").trainer_kwargs() == {"optimizer": "adamw8bit",
+                                                                         "optimizer_in_backward": True}
+
+
+@pytest.mark.parametrize("name", ["large_7b_h200.json", "large_7b_256k_h200.json", "large_1b3_h200.json"])
+def test_option_peaks_are_within_3_percent_of_the_h200_measurements(name):
+    """docs/benchmarks/large_models: full-depth 1.3B and 7B steps on one H200, measured."""
+    from revnet_core.presets import preset_config
+
+    rows = [r for r in json.loads((LARGE / name).read_text())["rows"] if r["method"] in MEASURED_OPTION
+            and not r["oom"]]
+    assert rows
+    for row in rows:
+        cfg = preset_config(row["size"], vocab_size=50257, max_seq_len=row["seq"])
+        cm = CostModel(cfg, Workload(seq_len=row["seq"]))
+        predicted = cm.optimizer_peak_bytes(cfg.policy, MEASURED_OPTION[row["method"]]) / GiB
+        assert predicted == pytest.approx(row["peak_allocated_gib"], rel=0.03), (row["size"], row["method"])

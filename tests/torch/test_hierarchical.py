@@ -13,6 +13,8 @@ from revnet_torch.blocks import AttentionBlock
 from revnet_torch.hierarchical import (Hierarchy, HierarchicalReversibleAttention, hierarchical_attention)
 from revnet_torch.layers import ReversibleAttention, ReversibleFFN, ReversibleLayer, ReversibleSequence
 
+from .conftest import stack_grads
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,18 +174,6 @@ def hier_stack(coupling, dropout=0.0, layers=3):
                                         coupling=coupling, level_blocks=2, chunk_size=8, dropout=dropout),
         ReversibleFFN(16, 24, coupling, dropout=dropout)) for _ in range(layers)]
     return trained_like(ReversibleSequence(blocks).double(), seed=9)
-
-
-def stack_grads(seq, x, policy):
-    seq.zero_grad(set_to_none=True)
-    seq.policies = [policy] * len(seq.layers)
-    xg = x.clone().requires_grad_(True)
-    torch.manual_seed(11)
-    y1, y2 = seq(xg)
-    g = torch.Generator().manual_seed(12)
-    ((y1 * torch.randn(y1.shape, generator=g, dtype=y1.dtype)).sum()
-     + (y2 * torch.randn(y2.shape, generator=g, dtype=y2.dtype)).sum()).backward()
-    return {"x": xg.grad, **{n: p.grad.clone() for n, p in seq.named_parameters()}}
 
 
 @pytest.mark.parametrize("coupling, dropout", [("additive", 0.0), ("affine", 0.0), ("additive", 0.1)])

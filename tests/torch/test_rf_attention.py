@@ -12,6 +12,8 @@ from revnet_torch.layers import ReversibleAttention, ReversibleFFN, ReversibleLa
 from revnet_torch.rf_attention import (KERNELS, RationalFourierAttention, causal_linear_attention, draw_features,
                                        exact_causal_attention, exact_kernel, naive_causal_linear_attention)
 
+from .conftest import stack_grads
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -186,8 +188,8 @@ def test_bad_settings_raise_named_errors(kwargs, message):
 def test_reversible_attention_refuses_what_rf_attention_lacks():
     with pytest.raises(ConfigError, match="attention_dropout=0.1 with use_rational_attention=True"):
         ReversibleAttention(16, 2, use_rational_attention=True, attention_dropout=0.1)
-    with pytest.raises(ConfigError, match="window=4 with use_rational_attention=True"):
-        ReversibleAttention(16, 2, use_rational_attention=True, window=4)
+    with pytest.raises(ConfigError, match="window=4 with kernel='laplacian'"):  # windowed: gaussian only
+        ReversibleAttention(16, 2, use_rational_attention=True, window=4, rf_kernel="laplacian")
 
 
 # --- as the F half of a reversible layer ------------------------------------------------------------------
@@ -198,18 +200,6 @@ def rf_stack(kernel, coupling, layers=3, learnable=False, dropout=0.0):
                             learnable_features=learnable, rf_chunk_size=5, dropout=dropout),
         ReversibleFFN(16, 24, coupling, dropout=dropout)) for _ in range(layers)]
     return trained_like(ReversibleSequence(blocks).double())
-
-
-def stack_grads(seq, x, policy):
-    seq.zero_grad(set_to_none=True)
-    seq.policies = [policy] * len(seq.layers)
-    xg = x.clone().requires_grad_(True)
-    torch.manual_seed(11)
-    y1, y2 = seq(xg)
-    g = torch.Generator().manual_seed(12)
-    ((y1 * torch.randn(y1.shape, generator=g, dtype=y1.dtype)).sum()
-     + (y2 * torch.randn(y2.shape, generator=g, dtype=y2.dtype)).sum()).backward()
-    return {"x": xg.grad, **{n: p.grad.clone() for n, p in seq.named_parameters()}}
 
 
 @pytest.mark.parametrize("kernel, coupling, learnable, dropout", [

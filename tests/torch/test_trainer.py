@@ -71,7 +71,6 @@ def test_memory_efficient_optimizer_updates_one_tensor_at_a_time():
 
 @pytest.mark.parametrize("keyword, value, message", [
     ("attention_window_size", 0, "attention_window=0 must be a positive integer"),
-    ("use_linear_attention_approximation", True, "linear attention is not implemented"),
     ("max_length", 128, "exceeds the model's max_seq_len=64"),
     ("gradient_accumulation_steps", 0, "must be a positive integer"),
     ("precision", "fp8", "is not one of"),
@@ -79,6 +78,20 @@ def test_memory_efficient_optimizer_updates_one_tensor_at_a_time():
 def test_unsupported_or_bad_keywords_raise(keyword, value, message):
     with pytest.raises(ConfigError, match=message):
         LongContextTrainer(model=tiny(), **{keyword: value})
+
+
+def test_linear_attention_approximation_trains_the_windowed_rf_model():
+    """The flag makes every layer Rational-Fourier attention (the window: exact softmax within it), recorded in
+    the config, and a few steps on the embedded corpus lower the loss."""
+    model = tiny()
+    trainer = LongContextTrainer(model=model, max_length=64, use_linear_attention_approximation=True,
+                                 attention_window_size=16, lr=3e-3, warmup_steps=0, eval_every=1000,
+                                 progress=False)
+    assert (model.config.attention_kind, model.config.attention_window) == ("rf", 16)
+    assert all(layer.attn.block.attn.kernel == "gaussian" and layer.attn.block.window == 16 for layer in model.layers)
+    trainer.fit(lm_data(stdlib_corpus(), 64, 4), steps=10)
+    losses = [r["loss"] for r in trainer.history if r["kind"] == "train"]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.5, losses
 
 
 def test_bad_tensor_datasets_raise_clear_errors():
@@ -270,6 +283,11 @@ def test_every_code_block_of_the_training_doc_runs(tmp_path, monkeypatch, capsys
         if lang == "bash":
             for line in filter(None, (ln.strip() for ln in text.splitlines())):
                 argv = shlex.split(line)
+                if argv[:3] == ["python", "-m", "revnet_core.token_file"]:  # making a token file
+                    from revnet_core.token_file import main as token_file_main
+
+                    assert token_file_main(argv[3:]) in (0, None), line
+                    continue
                 assert argv[0] == "revnet", line
                 code = main(argv[1:])
                 assert code == 0, (line, capsys.readouterr().err)
