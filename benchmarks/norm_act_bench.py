@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_ms, peak_bytes  # noqa: E402
 
 MIB = 1 << 20
 HIDDEN = 1024
@@ -71,36 +72,6 @@ def forward(case: dict, impl: str):
     if case["op"] == "rms_norm":
         return lambda x, w: rms_norm(x, w, impl=impl)
     return lambda u: activation(u, case["kind"], impl=impl)
-
-
-def median_ms(fn, cuda: bool, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_bytes(fn) -> int:
-    """Bytes allocated above the current level at the peak of one call (CUDA)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

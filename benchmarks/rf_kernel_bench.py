@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_ms, peak_bytes  # noqa: E402
 
 MIB = 1 << 20
 LENGTHS = (4096, 16384, 65536, 262144, 1048576)
@@ -69,35 +71,6 @@ def step_fn(impl: str, fq, fk, q, k, v, dy, fl, chunk: int):
         return (out.detach(), *torch.autograd.grad(out, inputs, dy))
 
     return step
-
-
-def median_ms(fn, cuda: bool, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / MIB
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -184,7 +157,7 @@ def run(args) -> dict:
                     step = step_fn(impl, fq, fk, q, k, v, dy, fl, args.chunk)
                     results[impl] = step()
                     row["ms"] = median_ms(step, cuda, reps, warmup)
-                    row["peak_mib"] = peak_mib(step) if cuda else None
+                    row["peak_mib"] = peak_bytes(step) / MIB if cuda else None
                 except Exception as exc:  # out of memory or a kernel that fails is a result, not the end
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                     stopped.add(key)

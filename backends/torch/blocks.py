@@ -235,18 +235,27 @@ class AttentionBlock(nn.Module):
         reason = self.keep_refusal()
         if reason is not None:
             raise ConfigError(f"policy 'reverse_keep_attention': {reason}; use 'reverse'")
+        kept = []
+
+        def attend(h, heads):
+            kept.append(kept_attention.forward(*self.head_qkv(h, heads), self.causal))
+            return kept[-1][0]
+
+        return self._over_head_chunks(x, attend), kept
+
+    def _over_head_chunks(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """F(x) with the attention run chunk by chunk of heads: ``attend(h, heads) -> (B, n, T, hd)`` over the
+        normed input h, each chunk's output copied into one (B, T, H, hd) buffer before the next runs."""
         B, T, d = x.shape
         h = self.normed(x)
-        o, kept = None, []
+        o = None
         for heads in self.head_chunks(B, T):
-            q, k, v = self.head_qkv(h, heads)
-            o_c, state = kept_attention.forward(q, k, v, self.causal)
-            del q, k, v
-            kept.append((o_c, state))
+            o_c = attend(h, heads)
             if o is None:
                 o = o_c.new_empty(B, T, self.num_heads, o_c.shape[-1])
             o[:, :, heads] = o_c.transpose(1, 2)
-        return self.drop(self.proj(o.view(B, T, d))), kept
+            del o_c
+        return self.drop(self.proj(o.view(B, T, d)))
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, d = x.shape
@@ -256,15 +265,7 @@ class AttentionBlock(nn.Module):
             o = self._core(q, k, v, key_mask)  # (B, H, T, hd)
             o = o.transpose(1, 2).reshape(B, T, d)
             return self.drop(self.proj(o))
-        h = self.normed(x)
-        o = None
-        for heads in chunks:
-            o_c = self.attend_heads(h, heads, key_mask)
-            if o is None:
-                o = o_c.new_empty(B, T, self.num_heads, o_c.shape[-1])
-            o[:, :, heads] = o_c.transpose(1, 2)
-            del o_c
-        return self.drop(self.proj(o.view(B, T, d)))
+        return self._over_head_chunks(x, lambda h, heads: self.attend_heads(h, heads, key_mask))
 
     def additive_vjp(self, x: torch.Tensor, dy: torch.Tensor, params: list, settle,
                      key_mask: torch.Tensor | None = None, kept: list | None = None):

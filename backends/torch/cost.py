@@ -463,26 +463,17 @@ class _Step:
         t.free(qkv)  # _heads returns: the projection has no views left
         return w, q, k, v
 
-    def attn_forward_kept(self, pre: str, x: str, cat: str, layer: int) -> str:
-        """AttentionBlock.forward_keeping (policy reverse_keep_attention): h = normed(x); per chunk head_qkv,
-        the kernel, whose output and log-sum-exp stay alive (``self.kept[layer]``) for the backward, and a copy
-        of the output into the (B, T, H, hd) buffer made at the first chunk; proj over the buffer."""
+    def kept_attention(self, c: str, h: str, heads: int, cat: str, layer: int) -> str:
+        """kept_attention.forward over head_qkv's q, k, v for one chunk (policy reverse_keep_attention): its
+        output and log-sum-exp stay alive for the backward (``self.kept[layer]``). Returns the output."""
         z, t = self.z, self.t
-        h = self.normed(pre, x, False, cat)
-        o, kept = None, []
-        for k, heads in enumerate(z.head_counts()):
-            c = f"{pre}h{k}."
-            w, q, kk, v = self.head_qkv(c, h, heads, False, cat)
-            oc = t.alloc(c + "kept.o", self.head_elems(heads) * z.c, cat)
-            lse = t.alloc(c + "kept.lse", z.N * heads * z.st, cat)
-            t.free(w, q, kk, v)  # del q, k, v (the weight rows went with head_qkv)
-            kept.append((oc, lse))
-            if o is None:
-                o = t.alloc(pre + "obuf", z.A * z.c, cat)
-        fx = self.linear(pre + "proj.", o, False, z.A, z.d * z.fx, z.N * z.fx, False, cat, f"W{layer}.proj")
-        t.free(o, h)  # locals, released when forward_keeping returns
-        self.kept[layer] = kept
-        return fx
+        w, q, k, v = self.head_qkv(c, h, heads, False, cat)
+        oc = t.alloc(c + "kept.o", self.head_elems(heads) * z.c, cat)
+        lse = t.alloc(c + "kept.lse", z.N * heads * z.st, cat)
+        t.free(w, q, k, v)  # the call returns: q, k, v go (the weight rows went with head_qkv)
+        self.kept.setdefault(layer, []).append((oc, lse))
+        t.hold(oc)  # the kept list's reference
+        return oc
 
     def kept_heads_backward(self, c: str, h: str, heads: int, cat: str, lse: str) -> tuple[str, str]:
         """One head chunk of additive_vjp(kept=...): q, k, v rebuilt with their graph (their tuple keeps them
@@ -509,16 +500,21 @@ class _Step:
         t.free(q, k, v, dq, dk, dv, lse)  # del qkv, dqkv, state
         return dh, do_c
 
-    def attn_forward_chunked(self, pre: str, x: str, keep: bool, cat: str, layer: int) -> str:
-        """AttentionBlock.forward over more than one head chunk: h = normed(x) once; per chunk attend_heads
-        and a copy of its output into a (B, T, H, hd) buffer made at the first chunk (``o[:, :, heads] =``:
-        CopySlices saves nothing); then proj over the buffer."""
+    def attn_forward_chunked(self, pre: str, x: str, keep: bool, cat: str, layer: int,
+                             keeping: bool = False) -> str:
+        """AttentionBlock.forward over more than one head chunk (AttentionBlock._over_head_chunks): h =
+        normed(x) once; per chunk attend_heads (``keeping``: kept_attention, forward_keeping's) and a copy of
+        its output into a (B, T, H, hd) buffer made at the first chunk (``o[:, :, heads] =``: CopySlices saves
+        nothing); then proj over the buffer."""
         z, t = self.z, self.t
         A = z.A
         h = self.normed(pre, x, keep, cat)
         o = None
         for k, heads in enumerate(z.head_counts()):
-            oc = self.attend_heads(f"{pre}h{k}.", h, heads, keep, cat)
+            if keeping:
+                oc = self.kept_attention(f"{pre}h{k}.", h, heads, cat, layer)
+            else:
+                oc = self.attend_heads(f"{pre}h{k}.", h, heads, keep, cat)
             if o is None:
                 o = t.alloc(pre + "obuf", A * z.c, cat)
             t.free(oc)  # del o_c (saved by the kernel when kept)
@@ -1118,7 +1114,7 @@ class _Step:
                 t.hold(x1, saved=True)
                 t.hold(x2, saved=True)
             if policy in policy_table.KEEPING_ATTENTION:
-                fx = self.attn_forward_kept(pre + "F.", x2, "activations", i)
+                fx = self.attn_forward_chunked(pre + "F.", x2, False, "activations", i, keeping=True)
             else:
                 fx = self.attn_forward(pre + "F.", x2, False, "activations", i)
             y1 = self.couple(pre + "cf.", x1, fx, False, "activations", N)

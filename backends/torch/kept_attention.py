@@ -38,9 +38,6 @@ class Kept:
     lse: torch.Tensor
     aux: tuple[Any, ...] = ()
 
-    def nbytes(self) -> int:
-        return self.lse.numel() * self.lse.element_size()
-
 
 def family(q: torch.Tensor) -> str:
     """The kernel family ``forward`` will run for inputs like q: "cpu", "efficient", "cudnn" or "flash"."""

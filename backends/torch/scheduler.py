@@ -33,6 +33,7 @@ import torch
 from revnet_core import policies as policy_table
 from revnet_core.memory import Workload
 from .cost import CostModel
+from .engine import keep_refusal
 from revnet_core.couplings import BaseCoupling
 from revnet_core.planner import GRANULARITIES, STRATEGIES, Plan, plan_layers
 
@@ -107,8 +108,6 @@ def invertible_layers(model) -> list[bool]:
 def keepable_layers(model) -> list[bool]:
     """Whether each layer can take ``reverse_keep_attention`` now (``engine.keep_refusal``: an additive
     softmax layer through the fused kernels, drawing no random numbers in the current mode)."""
-    from .engine import keep_refusal
-
     return [keep_refusal(layer) is None for layer in model.layers]
 
 

@@ -14,12 +14,7 @@ from revnet_torch.trainer import LongContextTrainer, ReversibleAMPTrainer
 TINY = dict(num_layers=3, d_model=32, num_heads=2, d_ff=48, vocab_size=256, max_seq_len=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: threads only cost (conftest)
 
 
 def model(seed=0, dtype=torch.float64, **fields):

@@ -20,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(num_layers=2, d_model=32, num_heads=2, d_ff=48, vocab_size=256, max_seq_len=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and an OpenMP pool on a busy 2-core machine costs 10x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: threads only cost (conftest)
 
 
 def tiny(seed=0, **fields):
